@@ -162,6 +162,16 @@ def make_env(seed):
     return suite.load("reacher", "easy", task_kwargs={"random": seed})
 
 
+_ENVS = []
+
+
+def make_envs(n):
+    """n envs reused across calls: building one (XML, physics, GL context) costs ~0.1 s; reset_env reseeds."""
+    while len(_ENVS) < n:
+        _ENVS.append(make_env(0))
+    return _ENVS[:n]
+
+
 def reset_env(env, seed):
     """Reuse one env (and its GL context) for many episodes: reseed the task, then reset."""
     env.task._random = np.random.RandomState(seed)
@@ -180,9 +190,18 @@ def reacher_state(physics):
     return np.concatenate([np.sin(q), np.cos(q), physics.data.qvel[:2], finger, target]).astype(np.float32)
 
 
+_CAMERAS = {}
+
+
 def render(physics, lean=True):
-    """One 256x256 RGB frame from camera 0. Lean turns off shadows, reflections and skybox."""
-    return physics.render(FRAME_SIZE, FRAME_SIZE, camera_id=0, render_flag_overrides=LEAN_RENDER if lean else None)
+    """One 256x256 RGB frame from camera 0. Lean turns off shadows, reflections and skybox.
+
+    One Camera per physics is kept: physics.render builds a new one each call (~2 ms of a ~6 ms frame)."""
+    camera = _CAMERAS.get(id(physics))
+    if camera is None or camera._physics is not physics:
+        from dm_control.mujoco import Camera
+        camera = _CAMERAS[id(physics)] = Camera(physics, FRAME_SIZE, FRAME_SIZE, camera_id=0)
+    return camera.render(render_flag_overrides=LEAN_RENDER if lean else None)
 
 
 def p_expert(physics):
@@ -212,11 +231,11 @@ EXPERTS = {"p": p_expert, "jacobian": jacobian_expert}
 def expert_policy(name):
     """Wrap a per-physics expert as a batched policy(physics_list, z) -> (B, 2)."""
     fn = EXPERTS[name]
-    return lambda physics_list, z: np.stack([fn(p) for p in physics_list])
+    return lambda physics_list, z, seeds: np.stack([fn(p) for p in physics_list])
 
 
 def random_policy(rng):
-    return lambda physics_list, z: rng.uniform(-1, 1, size=(len(physics_list), 2))
+    return lambda physics_list, z, seeds: rng.uniform(-1, 1, size=(len(physics_list), 2))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -262,12 +281,14 @@ def valid_encoder_name(name):
     return name in ("state", "tiny") or os.path.isdir(name) or bool(re.fullmatch(r"[\w.-]+/[\w.-]*vjepa2[\w.-]*", name, re.I))
 
 
-def choose_precision(device, precision="auto"):
+def choose_precision(device, precision="auto", hidden_size=1024):
     """fp16 on CUDA; bf16 autocast on CPUs with native bf16 (ViT-L: 9.5 s -> 2.9 s a window, 0.4% apart)."""
     if precision != "auto":
         return precision
     if device.startswith("cuda"):
         return "fp16"
+    if hidden_size < 512:  # measured: bf16 makes the 64-d `tiny` slower (casts outweigh its small matmuls)
+        return "fp32"
     return "bf16" if getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)() else "fp32"
 
 
@@ -286,7 +307,7 @@ def load_encoder(name_or_path, device="cpu", precision="auto", seed=0):
             raise UserError(f"could not fetch checkpoint {name_or_path} ({str(e).splitlines()[0][:120]}); offline? "
                             "use --encoder tiny, --encoder state or a local folder saved with save_pretrained")
     model = model.to(device).eval().requires_grad_(False)
-    precision = choose_precision(device, precision)
+    precision = choose_precision(device, precision, model.config.hidden_size)
     return Encoder(name_or_path, model.config.hidden_size, model, device, precision, model.config)
 
 
@@ -300,13 +321,17 @@ def random_init_like(encoder, seed=1):
     return Encoder(f"random-init({encoder.id})", encoder.dim, model, encoder.device, encoder.precision, encoder.config)
 
 
-def preprocess(windows, device):
-    """uint8 (B, 8, H, W, 3) -> float (B, 8, 3, H, W) in ImageNet mean/std, done on the device in one go."""
-    x = torch.as_tensor(windows).to(device, non_blocking=True)
-    x = x.permute(0, 1, 4, 2, 3).float().div_(255)
-    mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, device=device).view(1, 1, 3, 1, 1)
-    return (x - mean) / std
+def preprocess(windows, device, dtype=torch.float32):
+    """uint8 (B, 8, H, W, 3) -> (B, 8, 3, H, W) in ImageNet mean/std.
+
+    Two in-place passes on the device, channels-last, then a permuted view: (x / 255 - mean) / std is
+    x * (1 / (255 std)) - mean / std. bf16 halves the memory traffic where the encoder runs in bf16 anyway.
+    """
+    x = torch.as_tensor(windows).to(device, non_blocking=True).to(dtype)
+    mean = torch.tensor(IMAGENET_MEAN, device=device)
+    std = torch.tensor(IMAGENET_STD, device=device)
+    x.mul_((1 / (255 * std)).to(dtype)).sub_((mean / std).to(dtype))
+    return x.permute(0, 1, 4, 2, 3)
 
 
 @torch.inference_mode()
@@ -319,8 +344,8 @@ def encode(encoder, windows):
     """
     if not encoder.pixels:
         return np.asarray(windows, dtype=np.float32)[:, -1]
-    x = preprocess(windows, encoder.device)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(encoder.precision)
+    x = preprocess(windows, encoder.device, dtype or torch.float32)
     device_type = "cuda" if encoder.device.startswith("cuda") else "cpu"
     with torch.autocast(device_type, dtype=dtype, enabled=dtype is not None):
         tokens = encoder.model.encoder(pixel_values_videos=x).last_hidden_state
@@ -345,68 +370,76 @@ def encoder_flops(config, frames=WINDOW, size=FRAME_SIZE):
 # ----------------------------------------------------------------------------------------------
 def run_episodes(seeds, policy, encoder, steps, needs_z=True, keep_z=False, epsilon=0.0, noise_seed=0,
                  lean=True, slots=None, batch_size=32, keep_frames=0, on_episode=None, desc=None):
-    """Step episodes in lockstep, `slots` at a time, encoding every window of the slots as one batch.
+    """Step episodes in lockstep, `slots` at a time, encoding the windows of many episodes as one batch.
 
-    policy(physics_list, z) -> actions (B, 2); z is (B, D) when needs_z, else None. With epsilon > 0
+    policy(physics_list, z, seeds) -> actions (B, 2); z is (B, D) when needs_z, else None. With epsilon > 0
     each action is replaced by a uniform random one with that probability, drawn from a generator seeded
-    by (noise_seed, episode seed), so an episode's data never depends on its batch-mates. When the policy does not
-    read z (an expert), the encoding of step t runs on a worker thread while step t+1 renders.
+    by (noise_seed, episode seed), so an episode's data never depends on its batch-mates.
+    Pixel encoders run on a worker thread, overlapped with rendering (torch releases the GIL):
+    the slots form two groups, and while one group's windows encode, the other group acts, steps
+    and renders. When the policy does not read z (an expert), encoding trails rendering by up to two steps.
     Returns one dict per episode (or passes it to on_episode): actions (T, 2), rewards (T,),
     states (T+1, S), final_distance, and z (T+1, D) if keep_z, frames if among the first keep_frames.
     """
     slots = min(slots or len(seeds), len(seeds))
-    envs = [make_env(int(s)) for s in seeds[:slots]]
-    pool = concurrent.futures.ThreadPoolExecutor(1) if encoder.pixels and not needs_z else None
+    envs = make_envs(slots)
+    encoding = needs_z or keep_z
+    pool = concurrent.futures.ThreadPoolExecutor(1) if encoder.pixels and encoding else None
+    observe = (lambda p: render(p, lean)) if encoder.pixels else reacher_state
+    frame = (lambda p, w: w[-1]) if encoder.pixels else (lambda p, w: render(p, lean))  # frames kept for GIFs
     results, bar = [], tqdm(total=len(seeds) * steps, desc=desc, disable=desc is None, leave=False)
     for start in range(0, len(seeds), slots):
-        chunk = seeds[start:start + slots]
+        chunk = [int(s) for s in seeds[start:start + slots]]
         live = envs[:len(chunk)]
         physics = [e.physics for e in live]
         for env, s in zip(live, chunk):
-            reset_env(env, int(s))
-        observe = (lambda p: render(p, lean)) if encoder.pixels else reacher_state
+            reset_env(env, s)
         windows = [new_window(observe(p)) for p in physics]
         states = [[reacher_state(p)] for p in physics]
-        frame = (lambda p, w: w[-1]) if encoder.pixels else (lambda p, w: render(p, lean))  # for GIFs only
         frames = [[frame(p, w)] if start + i < keep_frames else None for i, (p, w) in enumerate(zip(physics, windows))]
-        noise = [np.random.default_rng([noise_seed, int(s)]) for s in chunk]
-        z_steps, actions, rewards = [], [], []
+        noise = [np.random.default_rng([noise_seed, s]) for s in chunk]
+        actions = np.zeros((len(chunk), steps, 2), np.float32)
+        rewards = np.zeros((len(chunk), steps), np.float32)
+        groups = np.array_split(np.arange(len(chunk)), 2 if pool and len(chunk) > 1 else 1)
+        z = [[None] * len(groups) for _ in range(steps + 1)]  # z[t][group]: array or future
 
-        def encode_now():
-            if not (needs_z or keep_z):
-                return None
-            batch = np.stack([np.stack(w) for w in windows])
-            if pool is not None:
-                return pool.submit(encode_batched, encoder, batch, batch_size)
-            return encode_batched(encoder, batch, batch_size)
+        def encode_group(t, gi):
+            if encoding:
+                batch = np.stack([np.stack(windows[i]) for i in groups[gi]])
+                z[t][gi] = pool.submit(encode_batched, encoder, batch, batch_size) if pool else \
+                    encode_batched(encoder, batch, batch_size)
 
-        z_steps.append(encode_now())
+        def z_of(t, gi):
+            if isinstance(z[t][gi], concurrent.futures.Future):
+                z[t][gi] = z[t][gi].result()
+            return z[t][gi]
+
+        for gi in range(len(groups)):
+            encode_group(0, gi)
         for t in range(steps):
-            a = np.asarray(policy(physics, z_steps[-1] if needs_z else None), dtype=np.float64)
-            if epsilon > 0:
-                for i, g in enumerate(noise):
-                    if g.random() < epsilon:
-                        a[i] = g.uniform(-1, 1, size=2)
-            r = np.array([env.step(ai).reward for env, ai in zip(live, a)], dtype=np.float32)
-            for i, p in enumerate(physics):
-                windows[i].append(observe(p))
-                states[i].append(reacher_state(p))
-                if frames[i] is not None:
-                    frames[i].append(frame(p, windows[i]))
-            actions.append(a.astype(np.float32))
-            rewards.append(r)
-            z_steps.append(encode_now())
+            for gi, g in enumerate(groups):
+                if not needs_z and t >= 2:
+                    z_of(t - 2, gi)  # bound the backlog of windows waiting for the encoder
+                a = np.asarray(policy([physics[i] for i in g], z_of(t, gi) if needs_z else None,
+                                      [chunk[i] for i in g]), dtype=np.float64)
+                for j, i in enumerate(g):
+                    if epsilon > 0 and noise[i].random() < epsilon:
+                        a[j] = noise[i].uniform(-1, 1, size=2)
+                    rewards[i, t] = live[i].step(a[j]).reward
+                    windows[i].append(observe(physics[i]))
+                    states[i].append(reacher_state(physics[i]))
+                    if frames[i] is not None:
+                        frames[i].append(frame(physics[i], windows[i]))
+                actions[g, t] = a
+                encode_group(t + 1, gi)
             bar.update(len(chunk))
-        z_all = None
-        if keep_z:
-            z_all = np.stack([z.result() if pool is not None else z for z in z_steps], 1)  # (B, T+1, D)
         for i, (p, s) in enumerate(zip(physics, chunk)):
             finger, target = finger_and_target(p)
-            ep = {"seed": int(s), "actions": np.stack(actions, 1)[i] if steps else np.zeros((0, 2), np.float32),
-                  "rewards": np.stack(rewards, 1)[i] if steps else np.zeros(0, np.float32),
-                  "states": np.stack(states[i]), "final_distance": float(np.linalg.norm(target - finger))}
+            ep = {"seed": s, "actions": actions[i], "rewards": rewards[i], "states": np.stack(states[i]),
+                  "final_distance": float(np.linalg.norm(target - finger))}
             if keep_z:
-                ep["z"] = z_all[i]
+                gi, row = next((gi, list(g).index(i)) for gi, g in enumerate(groups) if i in g)
+                ep["z"] = np.stack([z_of(t, gi)[row] for t in range(steps + 1)])
             if frames[i] is not None:
                 ep["frames"] = np.stack(frames[i])
             if on_episode:
@@ -682,7 +715,7 @@ def train_bc(data, epochs=100, lr=1e-3, batch_size=256, standardize=True, seed=0
 
 
 def bc_policy(model, mean, std):
-    def act(physics_list, z):
+    def act(physics_list, z, seeds):
         with torch.no_grad():
             return model(torch.from_numpy((z - mean) / std)).numpy()
     return act
@@ -847,26 +880,29 @@ def mpc_policy(model, z_goal, mean, std, planner="cem", horizon=10, samples=500,
     """MPC: plan from the current z, execute the first action, replan at every step.
 
     CEM warm-starts from the previous step's mean shifted by one step (last step repeated).
-    z_goal: (B, D) raw embeddings; mean/std: the dynamics model's standardisation.
+    z_goal: {episode seed: (D,) raw embedding}; mean/std: the dynamics model's standardisation.
     """
     g = torch.Generator().manual_seed(seed)
-    goal = (torch.from_numpy(z_goal) - torch.from_numpy(mean)) / torch.from_numpy(std)
-    warm = {"mean": None}
+    warm = {}  # episode seed -> last CEM mean (horizon, A)
     dtype = torch.bfloat16 if bf16 else torch.float32
+    standardize = lambda x: (torch.from_numpy(np.asarray(x, np.float32)) - torch.from_numpy(mean)) / torch.from_numpy(std)
 
-    def act(physics_list, z):
+    def act(physics_list, z, seeds):
         t0 = time.perf_counter()
-        zt = (torch.from_numpy(z) - torch.from_numpy(mean)) / torch.from_numpy(std)
+        zt, goal = standardize(z), standardize(np.stack([z_goal[s] for s in seeds]))
         fn = latent_cost(model, zt, goal, cost, dtype)
         if planner == "random":  # seed Phase 4: 1000 uniform sequences, keep the best
             best, _, _ = cem(fn, len(zt), horizon, samples=samples, elites=1, iterations=1, uniform_first=True,
                              generator=g)
             action = best[:, 0]
         else:
-            init = None if warm["mean"] is None else torch.cat([warm["mean"][:, 1:], warm["mean"][:, -1:]], 1)
+            init = None
+            if all(s in warm for s in seeds):
+                prev = torch.stack([warm[s] for s in seeds])
+                init = torch.cat([prev[:, 1:], prev[:, -1:]], 1)
             _, m, _ = cem(fn, len(zt), horizon, samples=samples, elites=elites, iterations=iterations,
                           mean=init, std=None, generator=g)
-            warm["mean"] = m
+            warm.update(zip(seeds, m))
             action = m[:, 0]
         if timer is not None:
             timer.append(time.perf_counter() - t0)
@@ -1204,16 +1240,17 @@ def seed_loop_collect(model, seeds, steps, device):
     full-look rendering, preprocessing frame by frame, the full model forward (predictor included),
     one window per call."""
     env = make_env(seeds[0])
+    full_render = lambda p: p.render(FRAME_SIZE, FRAME_SIZE, camera_id=0)
     for s in seeds:
         reset_env(env, s)
-        frames = new_window(render(env.physics, lean=False))
+        frames = new_window(full_render(env.physics))
         for t in range(steps + 1):
             clip = torch.stack([preprocess(f[None, None], device)[0, 0] for f in frames])[None]
             with torch.no_grad():
                 model(pixel_values_videos=clip).last_hidden_state.mean(1)
             if t < steps:
                 env.step(p_expert(env.physics))
-                frames.append(render(env.physics, lean=False))
+                frames.append(full_render(env.physics))
 
 
 def bench_memory(episodes, steps, dim):
@@ -1295,7 +1332,7 @@ def bench(args):
         batch = 32 if device.startswith("cuda") or label == "tiny" else 1
         windows = np.random.default_rng(0).integers(0, 255, (batch, WINDOW, FRAME_SIZE, FRAME_SIZE, 3), dtype=np.uint8)
         flops = encoder_flops(config)
-        for precision in ("fp32", choose_precision(device)):
+        for precision in ("fp32", "fp16" if device.startswith("cuda") else "bf16"):
             enc = Encoder(label, config.hidden_size, model, device, precision, config)
             encode(enc, windows)  # warm-up
             rate = batch / timed(lambda: encode(enc, windows), 1 if label == "vitl" else 3)
@@ -1517,7 +1554,7 @@ def stage_plan(args, encoder):
         planner, name = combo.split("/")
         model, mean, std = models[name]
         timer = []
-        policy = mpc_policy(model, z_goal, mean, std, planner, args.horizon,
+        policy = mpc_policy(model, dict(zip(seeds, z_goal)), mean, std, planner, args.horizon,
                             args.rs_samples if planner == "random" else args.samples, args.elites, args.iterations,
                             args.cost, args.plan_bf16, args.seed, timer)
         eps = run_episodes(seeds, policy, encoder, steps, needs_z=True, keep_z=True, lean=lean,
@@ -1529,8 +1566,8 @@ def stage_plan(args, encoder):
         m.update({"latent_initial": float(latent[:, 0].mean()), "latent_final": float(latent[:, -1].mean()),
                   "latent_min": float(latent.min(1).mean()), "latent_improvement": mean_ci(improvement)[0],
                   "latent_improvement_ci": mean_ci(improvement)[1],
-                  "ms_per_action": 1000 * sum(timer) / max(1, len(timer) * len(seeds)),
-                  "ms_per_step_all_episodes": 1000 * float(np.mean(timer)) if timer else 0.0,
+                  "ms_per_action": 1000 * sum(timer) / (steps * len(seeds)),
+                  "ms_per_step_all_episodes": 1000 * sum(timer) / steps,
                   "goal_distance": float(np.mean([g["distance"] for g in goals])),
                   "episodes": [{"seed": ep["seed"], "success": bool(ep["rewards"][-1] >= 1), "return": float(ep["rewards"].sum()),
                                 "final_distance": ep["final_distance"], "latent_initial": float(l[0]),
