@@ -917,13 +917,13 @@ def expert_goals(seeds, expert, encoder, steps, batch_size=32, lean=True):
     """The seed's expert-generated goal: run the expert from the same start and target, and encode the
     8-frame window at its closest approach to the target. Returns z_goal (B, D), goal step, distance."""
     eps = run_episodes(seeds, expert_policy(expert), encoder, steps, needs_z=False, keep_z=True,
-                       batch_size=batch_size, lean=lean, keep_frames=len(seeds), desc="goals")
+                       batch_size=batch_size, lean=lean, keep_frames=1, desc="goals")  # goal frame for the GIF
     z_goal, info = [], []
     for ep in eps:
         d = np.linalg.norm(ep["states"][:, 6:8] - ep["states"][:, 8:10], axis=1)
         t = int(d.argmin())
         z_goal.append(ep["z"][t])
-        info.append({"step": t, "distance": float(d[t]), "frame": ep["frames"][t] if encoder.pixels else None,
+        info.append({"step": t, "distance": float(d[t]), "frame": ep["frames"][t] if "frames" in ep else None,
                      "states": ep["states"][t]})
     return np.stack(z_goal).astype(np.float32), info
 
@@ -1052,7 +1052,7 @@ def make_plots(out, results):
         ax.legend()
         save(fig, "bc_loss.png")
     conditions = {f"expert {k}": v for k, v in results.get("experts", {}).items()}
-    conditions.update({k: v for k, v in results.get("eval", {}).items()})
+    conditions.update({k: v for k, v in results.get("eval", {}).items() if k != "expert"})  # shown above
     conditions.update({f"MPC {k}": v for k, v in results.get("plan", {}).items()})
     if conditions:
         fig, ax = plt.subplots(figsize=(max(5, 1.1 * len(conditions)), 3.2))
@@ -1267,8 +1267,11 @@ def bench_memory(episodes, steps, dim):
         t0 = time.perf_counter()
         train_dynamics("mlp", data, epochs=1, batch_size=1024)
         seconds = time.perf_counter() - t0
+        status = dict(line.split(":", 1) for line in open("/proc/self/status") if ":" in line)
+    # ru_maxrss counts the memmap's file-backed pages once touched; RssAnon is the process's own heap.
     return {"transitions": episodes * steps, "dim": dim, "dataset_gb": episodes * (steps + 1) * dim * 4 / 1e9,
-            "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6, "epoch_seconds": seconds}
+            "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6,
+            "rss_anon_gb_after": int(status.get("RssAnon", "0 kB").split()[0]) / 1e6, "epoch_seconds": seconds}
 
 
 def bench(args):
@@ -1398,8 +1401,9 @@ def write_bench_table(folder, b):
     rows += [["CEM 500x10x5 on the 1.58M mlp, fp32 / bf16 (ms per action)",
               f"{c['fp32_ms_per_action']:.0f} / {c['bf16_ms_per_action']:.0f}", f"floor {c['fp32_floor_ms']:.0f} / {c['bf16_floor_ms']:.0f} ms"],
              ["matmul peak fp32 / bf16 (GFLOP/s)", f"{b['matmul_peak_gflops']['fp32']:.0f} / {b['matmul_peak_gflops']['bf16']:.0f}", ""],
-             [f"one epoch of mlp dynamics on {b['memory']['transitions']:,} x {b['memory']['dim']} memmap",
-              f"peak RSS {b['memory']['peak_rss_gb']:.2f} GB", f"{b['memory']['epoch_seconds']:.0f} s"]]
+             [f"one epoch of mlp dynamics on {b['memory']['transitions']:,} x {b['memory']['dim']} memmap "
+              f"({b['memory']['dataset_gb']:.1f} GB)", f"peak RSS {b['memory']['peak_rss_gb']:.2f} GB (heap "
+              f"{b['memory']['rss_anon_gb_after']:.2f} GB)", f"{b['memory']['epoch_seconds']:.0f} s"]]
     table = md_table(["measure", "rates", "ratio"], rows)
     text = f"Device: {b['device']}. Made by `{b['command']}`.\n\n{table}\n"
     with atomic_path(os.path.join(folder, "bench.md")) as tmp, open(tmp, "w") as f:
@@ -1577,7 +1581,7 @@ def stage_plan(args, encoder):
         print(f"plan {combo}: success {fmt_rate(m)} | return {m['return']:.1f} | latent {m['latent_initial']:.2f} -> "
               f"{m['latent_final']:.2f} (min {m['latent_min']:.2f}) | {m['ms_per_action']:.0f} ms/action")
         if planner == "cem" and "frames" in eps[0] and not glob.glob(os.path.join(args.out, "rollout_cem.gif")):
-            goal = goals[0]["frame"] if encoder.pixels else None
+            goal = goals[0]["frame"]
             save_rollout_gif(os.path.join(args.out, "rollout_cem.gif"), eps[0], f"CEM {name}", goal)
         save_json(path, {"plan": results, "plan_traces": traces})
 
@@ -1595,7 +1599,9 @@ def stage_probe(args, encoder):
                        keep_frames=len(seeds) if encoder.pixels else 0, lean=not args.full_render,
                        batch_size=args.batch_size, desc="probe")
     states = np.stack([ep["states"] for ep in eps])
-    z = {"encoder": np.stack([ep["z"] for ep in eps]), "state": states}
+    z = {"encoder": np.stack([ep["z"] for ep in eps])}
+    if encoder.pixels:  # the oracle column; for `state` it would repeat the encoder column
+        z["state"] = states
     if encoders["random_init"] is not None:
         z["random_init"] = np.stack([encode_batched(encoders["random_init"], windows_from_frames(ep["frames"]),
                                                     args.batch_size) for ep in eps])
@@ -1765,8 +1771,9 @@ def main(argv=None):
         if args.stage == "bench":
             return bench(args)
         check_writable(args.out)
-        if args.stage == "report":  # needs no encoder: everything comes from the run folder
-            return stage_report(args, None) or 0
+        if args.stage in ("report", "merge"):  # need no encoder: everything comes from the run folder
+            STAGES[args.stage](args, None)
+            return 0
         seed_everything(args.seed)
         encoder = load_encoder(args.encoder, args.device, args.precision, args.seed)
         save_config(args, encoder)
