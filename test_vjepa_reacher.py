@@ -130,9 +130,8 @@ def test_probe_recovers_planted_signal_and_not_noise():
     flat = states.reshape(300, -1)
     planted = np.concatenate([flat @ rng.normal(size=(flat.shape[1], 40)), rng.normal(size=(300, 20)) * 0.01], 1)
     noise = rng.normal(size=(300, 60))
-    test = np.repeat(np.arange(10) >= 7, 30)
-    r_planted = vr.probe_embeddings(planted, states, ~test, test)
-    r_noise = vr.probe_embeddings(noise, states, ~test, test)
+    r_planted = vr.probe_embeddings(planted, states)
+    r_noise = vr.probe_embeddings(noise, states)
     for k in ("finger_xy", "target_xy", "joint_angles"):
         assert r_planted[k] > 0.99
         assert abs(r_noise[k]) < 0.15
