@@ -400,6 +400,8 @@ def test_all_quick_with_tiny_vjepa2_then_report(tmp_path):
     assert r["encoder"]["id"] == "tiny" and r["encoder"]["dim"] == 64
     assert set(r["plan"]) == set(vr.PLANS) and set(r["dynamics"]) == set(vr.DYNAMICS)
     assert set(r["probe"]) == {"encoder", "random_init", "state"}
+    # BC trained on lean frames is not evaluated on the full look by mistake
+    assert vr.main(["eval", "--encoder", "tiny", "--out", out, "--force", "--full-render"]) == 1
     os.remove(os.path.join(out, "report.md"))
     p = run("report", "--out", out)  # no encoder needed, nothing re-run
     assert p.returncode == 0, p.stderr[-3000:]

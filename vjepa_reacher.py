@@ -327,7 +327,7 @@ def preprocess(windows, device, dtype=torch.float32):
     Two in-place passes on the device, channels-last, then a permuted view: (x / 255 - mean) / std is
     x * (1 / (255 std)) - mean / std. bf16 halves the memory traffic where the encoder runs in bf16 anyway.
     """
-    x = torch.as_tensor(windows).to(device, non_blocking=True).to(dtype)
+    x = torch.as_tensor(np.ascontiguousarray(windows)).to(device, non_blocking=True).to(dtype)
     mean = torch.tensor(IMAGENET_MEAN, device=device)
     std = torch.tensor(IMAGENET_STD, device=device)
     x.mul_((1 / (255 * std)).to(dtype)).sub_((mean / std).to(dtype))
@@ -485,8 +485,9 @@ def versions():
     return out
 
 
-def data_meta(encoder, expert, epsilon, steps, seeds, dtype):
+def data_meta(encoder, expert, epsilon, steps, seeds, dtype, lean=True):
     return {"encoder": {"id": encoder.id, "dim": encoder.dim, "precision": encoder.precision},
+            "render": render_mode(encoder, lean),
             "expert": expert, "epsilon": epsilon, "steps": steps, "seeds": [int(s) for s in seeds],
             "dtype": dtype, "state_names": STATE_NAMES, "versions": versions()}
 
@@ -513,10 +514,10 @@ def collect_shard(shard_dir, encoder, expert, epsilon, steps, seeds, batch_size=
     without it is incomplete. Frames are never stored (100k frames at 256^2 would be ~20 GB).
     """
     os.makedirs(shard_dir, exist_ok=True)
-    meta = data_meta(encoder, expert, epsilon, steps, seeds, dtype)
+    meta = data_meta(encoder, expert, epsilon, steps, seeds, dtype, lean)
     old = os.path.join(shard_dir, "meta.json")
     if os.path.exists(old):
-        check_meta(load_json(old), encoder, shard_dir, steps=steps)
+        check_meta(load_json(old), encoder, shard_dir, steps=steps, lean=lean)
     todo = [s for s in seeds if not os.path.exists(os.path.join(shard_dir, f"ep_{s}.npz"))]
     if len(todo) < len(seeds):
         print(f"resuming {shard_dir}: {len(seeds) - len(todo)} of {len(seeds)} episodes already saved")
@@ -532,12 +533,20 @@ def collect_shard(shard_dir, encoder, expert, epsilon, steps, seeds, batch_size=
     return meta
 
 
-def check_meta(meta, encoder, where, dim=None, steps=None):
-    """Refuse data or models made with another encoder before any training starts."""
+def render_mode(encoder, lean):
+    return "lean" if lean and encoder.pixels else "full" if encoder.pixels else "none"
+
+
+def check_meta(meta, encoder, where, dim=None, steps=None, lean=None):
+    """Refuse data or models made with another encoder (or render look) before any training starts."""
     enc = meta.get("encoder", {})
     if enc.get("id") != encoder.id or enc.get("dim") != encoder.dim:
         raise UserError(f"{where} was made with encoder {enc.get('id')} (dim {enc.get('dim')}), but --encoder is "
                         f"{encoder.id} (dim {encoder.dim}); pass --encoder {enc.get('id')} or use another --out")
+    if lean is not None and meta.get("render", render_mode(encoder, lean)) != render_mode(encoder, lean):
+        # measured: the lean look moves tiny's embeddings ~17x more than one control step does
+        raise UserError(f"{where} was made with {meta['render']} rendering, this run uses {render_mode(encoder, lean)}; "
+                        f"{'drop' if lean is False else 'add'} --full-render")
     if steps is not None and meta.get("steps") != steps:
         raise UserError(f"{where} was collected with --steps {meta.get('steps')}, not {steps}; "
                         f"pass --steps {meta.get('steps')} or --force to re-collect")
@@ -561,11 +570,12 @@ def merge(shard_dirs, out_dir, expected_shards=None):
     missing = sorted(set(range(total)) - set(found))
     if missing:
         raise UserError(f"missing shards {missing} of {total} for {out_dir}: run `collect --shard i/{total}` for them")
-    keys = ("encoder", "expert", "epsilon", "steps", "dtype")
+    keys = ("encoder", "expert", "epsilon", "steps", "dtype", "render")
     for m, d in zip(metas, shard_dirs):
         for k in keys:
-            if m[k] != metas[0][k]:
-                raise UserError(f"shard {d} has {k}={m[k]} but {shard_dirs[0]} has {metas[0][k]}; shards must match")
+            if m.get(k) != metas[0].get(k):
+                raise UserError(f"shard {d} has {k}={m.get(k)} but {shard_dirs[0]} has {metas[0].get(k)}; "
+                                "shards must match")
     seeds = [s for m in metas for s in m["seeds"]]
     dup = sorted({s for s in seeds if seeds.count(s) > 1}) if len(set(seeds)) < len(seeds) else []
     if dup:
@@ -1479,7 +1489,8 @@ def stage_bc(args, encoder):
     model, info, (mean, std) = train_bc(data, args.epochs, args.lr, args.train_batch_size, not args.no_standardize,
                                         args.seed)
     print(f"bc: {info['params']:,} params | train MSE {info['train_mse']:.5f} | val MSE {info['val_mse']:.5f}")
-    save_model(path, model, {"encoder": data["meta"]["encoder"], "mean": mean.tolist(), "std": std.tolist()})
+    save_model(path, model, {"encoder": data["meta"]["encoder"], "render": data["meta"].get("render"),
+                             "mean": mean.tolist(), "std": std.tolist()})
     save_json(os.path.join(args.out, "bc.json"), info)
 
 
@@ -1489,7 +1500,7 @@ def stage_eval(args, encoder):
         print(f"eval: {path} exists; --force to redo")
         return False
     ckpt = load_model(os.path.join(args.out, "bc.pt"), "bc")
-    check_meta(ckpt["meta"], encoder, os.path.join(args.out, "bc.pt"))
+    check_meta(ckpt["meta"], encoder, os.path.join(args.out, "bc.pt"), lean=not args.full_render)
     model = bc_net(encoder.dim)
     model.load_state_dict(ckpt["state_dict"])
     model.eval()
@@ -1536,7 +1547,8 @@ def stage_dynamics(args, encoder):
               f"k-step error k=1 {info['kstep_error'][0]:.3f}, k={len(info['kstep_error'])} {info['kstep_error'][-1]:.3f} "
               f"(copy {info['kstep_copy'][-1]:.3f})")
         save_model(os.path.join(args.out, f"dynamics_{name}.pt"), model,
-                   {"encoder": data["meta"]["encoder"], "name": name, "mean": mean.tolist(), "std": std.tolist()})
+                   {"encoder": data["meta"]["encoder"], "render": data["meta"].get("render"), "name": name,
+                    "mean": mean.tolist(), "std": std.tolist()})
         out[name] = info
     save_json(path, {"dynamics": out})
 
@@ -1544,7 +1556,7 @@ def stage_dynamics(args, encoder):
 def load_dynamics(args, encoder, name):
     path = os.path.join(args.out, f"dynamics_{name}.pt")
     ckpt = load_model(path, "dynamics")
-    check_meta(ckpt["meta"], encoder, path)
+    check_meta(ckpt["meta"], encoder, path, lean=not args.full_render)
     model = dynamics_net(name, encoder.dim)
     try:
         model.load_state_dict(ckpt["state_dict"])
