@@ -59,6 +59,24 @@ def test_window_is_padded_with_the_first_frame():
     assert windows[4, :, 0].tolist() == [0, 0, 0, 0, 1, 2, 3, 4]
 
 
+def test_render_returns_a_fresh_frame_per_env_and_step():
+    envs = vr.make_envs(2)
+    for env, seed in zip(envs, (1, 2)):
+        vr.reset_env(env, seed)
+    first = vr.render(envs[0].physics)
+    kept = first.copy()
+    other = vr.render(envs[1].physics)  # another env, other target: must not overwrite `first`
+    envs[0].step([1.0, -1.0])
+    for _ in range(5):
+        envs[0].step([1.0, -1.0])
+    later = vr.render(envs[0].physics)
+    assert first.shape == (256, 256, 3) and first.dtype == np.uint8
+    np.testing.assert_array_equal(first, kept)
+    assert np.abs(first.astype(int) - other).sum() > 0 and np.abs(first.astype(int) - later).sum() > 0
+    direct = envs[0].physics.render(256, 256, camera_id=0, render_flag_overrides=vr.LEAN_RENDER)
+    np.testing.assert_array_equal(later, direct)  # the shared renderer draws exactly what the env would
+
+
 def test_wilson_interval():
     lo, hi = vr.wilson(5, 10)
     assert abs(lo - 0.2366) < 1e-3 and abs(hi - 0.7634) < 1e-3

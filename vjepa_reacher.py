@@ -190,18 +190,27 @@ def reacher_state(physics):
     return np.concatenate([np.sin(q), np.cos(q), physics.data.qvel[:2], finger, target]).astype(np.float32)
 
 
-_CAMERAS = {}
+_RENDERER = {}
 
 
 def render(physics, lean=True):
     """One 256x256 RGB frame from camera 0. Lean turns off shadows, reflections and skybox.
 
-    One Camera per physics is kept: physics.render builds a new one each call (~2 ms of a ~6 ms frame)."""
-    camera = _CAMERAS.get(id(physics))
-    if camera is None or camera._physics is not physics:
+    Every env renders through one shared physics and Camera: its state (joints, target position and
+    size) is copied in and forward kinematics rerun. A GL context per env would cost ~80 MB and ~0.5 s
+    (measured), and physics.render builds a new Camera on every call (~2 ms of a ~6 ms frame)."""
+    if not _RENDERER:
         from dm_control.mujoco import Camera
-        camera = _CAMERAS[id(physics)] = Camera(physics, FRAME_SIZE, FRAME_SIZE, camera_id=0)
-    return camera.render(render_flag_overrides=LEAN_RENDER if lean else None)
+        _RENDERER["physics"] = make_env(0).physics
+        _RENDERER["camera"] = Camera(_RENDERER["physics"], FRAME_SIZE, FRAME_SIZE, camera_id=0)
+    shared = _RENDERER["physics"]
+    shared.model.geom_pos[:] = physics.model.geom_pos
+    shared.model.geom_size[:] = physics.model.geom_size
+    shared.data.qpos[:] = physics.data.qpos
+    shared.data.qvel[:] = physics.data.qvel
+    shared.forward()
+    # The Camera reuses one pixel buffer: copy, or every frame kept in a window would be the latest one.
+    return _RENDERER["camera"].render(render_flag_overrides=LEAN_RENDER if lean else None).copy()
 
 
 def p_expert(physics):
@@ -1507,20 +1516,20 @@ def stage_eval(args, encoder):
     mean, std = (np.array(ckpt["meta"][k], np.float32) for k in ("mean", "std"))
     seeds = episode_seeds("eval", args.eval_episodes, args.seed)
     lean = not args.full_render
-    results = {"experts": {}, "eval": {}}
+    results, physics_only = {"experts": {}, "eval": {}}, load_encoder("state")
     for name in ("p", "jacobian"):  # experts act on physics, so they need no rendering or encoding
-        eps = run_episodes(seeds, expert_policy(name), Encoder("state", len(STATE_NAMES)), args.steps,
-                           needs_z=False, desc=f"expert {name}")
+        eps = run_episodes(seeds, expert_policy(name), physics_only, args.steps, needs_z=False, desc=f"expert {name}")
         results["experts"][name] = episode_metrics(eps, args.steps)
     results["eval"]["expert"] = results["experts"][args.expert]
-    print_estimate(encoder, len(seeds) * (args.steps + 1), args.batch_size) if encoder.pixels else None
+    if encoder.pixels:
+        print_estimate(encoder, len(seeds) * (args.steps + 1), args.batch_size)
     eps = run_episodes(seeds, bc_policy(model, mean, std), encoder, args.steps, needs_z=True, lean=lean,
                        batch_size=args.batch_size, keep_frames=1, desc="eval bc")
     results["eval"]["bc"] = episode_metrics(eps, args.steps)
     save_rollout_gif(os.path.join(args.out, "rollout_bc.gif"), eps[0], "BC")
     rng = np.random.default_rng(args.seed)
-    results["eval"]["random"] = episode_metrics(run_episodes(seeds, random_policy(rng), Encoder("state", len(STATE_NAMES)),
-                                                             args.steps, needs_z=False, desc="random"), args.steps)
+    eps = run_episodes(seeds, random_policy(rng), physics_only, args.steps, needs_z=False, desc="random")
+    results["eval"]["random"] = episode_metrics(eps, args.steps)
     expert_ep = run_episodes(seeds[:1], expert_policy(args.expert), encoder, args.steps, needs_z=False,
                              keep_frames=1, lean=lean)[0]
     save_rollout_gif(os.path.join(args.out, "rollout_expert.gif"), expert_ep, f"expert {args.expert}")
@@ -1578,7 +1587,7 @@ def stage_plan(args, encoder):
     seeds = episode_seeds("plan", args.plan_episodes, args.seed)
     lean, steps = not args.full_render, args.plan_steps
     z_goal, goals = expert_goals(seeds, args.expert, encoder, steps, args.batch_size, lean)
-    results, traces = done["plan"], done["plan_traces"]
+    results, traces, gif_made = done["plan"], done["plan_traces"], False
     for combo in todo:
         planner, name = combo.split("/")
         model, mean, std = models[name]
@@ -1587,27 +1596,29 @@ def stage_plan(args, encoder):
                             args.rs_samples if planner == "random" else args.samples, args.elites, args.iterations,
                             args.cost, args.plan_bf16, args.seed, timer)
         eps = run_episodes(seeds, policy, encoder, steps, needs_z=True, keep_z=True, lean=lean,
-                           batch_size=args.batch_size, keep_frames=1 if planner == "cem" else 0, desc=f"plan {combo}")
+                           batch_size=args.batch_size, keep_frames=int(planner == "cem" and not gif_made),
+                           desc=f"plan {combo}")
         latent = np.stack([np.linalg.norm((ep["z"] - zg) / std, axis=1) for ep, zg in zip(eps, z_goal)])
         finger = np.stack([np.linalg.norm(ep["states"][:, 6:8] - ep["states"][:, 8:10], axis=1) for ep in eps])
         improvement = (latent[:, 0] - latent[:, -1]) / np.maximum(latent[:, 0], 1e-9)
         m = episode_metrics(eps, steps)
-        m.update({"latent_initial": float(latent[:, 0].mean()), "latent_final": float(latent[:, -1].mean()),
-                  "latent_min": float(latent.min(1).mean()), "latent_improvement": mean_ci(improvement)[0],
-                  "latent_improvement_ci": mean_ci(improvement)[1],
-                  "ms_per_action": 1000 * sum(timer) / (steps * len(seeds)),
-                  "ms_per_step_all_episodes": 1000 * sum(timer) / steps,
-                  "goal_distance": float(np.mean([g["distance"] for g in goals])),
-                  "episodes": [{"seed": ep["seed"], "success": bool(ep["rewards"][-1] >= 1), "return": float(ep["rewards"].sum()),
-                                "final_distance": ep["final_distance"], "latent_initial": float(l[0]),
-                                "latent_final": float(l[-1]), "latent_min": float(l.min())} for ep, l in zip(eps, latent)]})
+        for key, x in (("latent_initial", latent[:, 0]), ("latent_final", latent[:, -1]), ("latent_min", latent.min(1)),
+                       ("latent_improvement", improvement), ("final_distance", finger[:, -1])):
+            m[key], m[f"{key}_ci"] = mean_ci(x)  # mean and 95% half-width over episodes
+        m["ms_per_action"] = 1000 * sum(timer) / (steps * len(seeds))
+        m["ms_per_step_all_episodes"] = 1000 * sum(timer) / steps
+        m["goal_distance"] = float(np.mean([g["distance"] for g in goals]))  # the expert's closest approach
+        m["episodes"] = [{"seed": ep["seed"], "success": bool(ep["rewards"][-1] >= 1),
+                          "return": float(ep["rewards"].sum()), "final_distance": ep["final_distance"],
+                          "latent_initial": float(l[0]), "latent_final": float(l[-1]), "latent_min": float(l.min())}
+                         for ep, l in zip(eps, latent)]
         results[combo] = m
         traces[combo] = {"latent": latent.tolist(), "finger": finger.tolist()}
         print(f"plan {combo}: success {fmt_rate(m)} | return {m['return']:.1f} | latent {m['latent_initial']:.2f} -> "
               f"{m['latent_final']:.2f} (min {m['latent_min']:.2f}) | {m['ms_per_action']:.0f} ms/action")
-        if planner == "cem" and "frames" in eps[0] and not glob.glob(os.path.join(args.out, "rollout_cem.gif")):
-            goal = goals[0]["frame"]
-            save_rollout_gif(os.path.join(args.out, "rollout_cem.gif"), eps[0], f"CEM {name}", goal)
+        if planner == "cem" and "frames" in eps[0]:  # the first CEM model of this run, beside its goal frame
+            save_rollout_gif(os.path.join(args.out, "rollout_cem.gif"), eps[0], f"CEM {name}", goals[0]["frame"])
+            gif_made = True
         save_json(path, {"plan": results, "plan_traces": traces})
 
 
