@@ -39,7 +39,6 @@ import math
 import os
 import platform
 import re
-import signal
 import sys
 import tempfile
 import time
@@ -546,7 +545,7 @@ def render_mode(encoder, lean):
     return "lean" if lean and encoder.pixels else "full" if encoder.pixels else "none"
 
 
-def check_meta(meta, encoder, where, dim=None, steps=None, lean=None):
+def check_meta(meta, encoder, where, steps=None, lean=None):
     """Refuse data or models made with another encoder (or render look) before any training starts."""
     enc = meta.get("encoder", {})
     if enc.get("id") != encoder.id or enc.get("dim") != encoder.dim:
@@ -561,7 +560,7 @@ def check_meta(meta, encoder, where, dim=None, steps=None, lean=None):
                         f"pass --steps {meta.get('steps')} or --force to re-collect")
 
 
-def merge(shard_dirs, out_dir, expected_shards=None):
+def merge(shard_dirs, out_dir):
     """Stream shards into one dataset of .npy arrays (episodes, T+1, D) that training can memory-map.
 
     Checks that every shard is complete, none is missing and no seed appears twice; meta.json is
@@ -569,13 +568,13 @@ def merge(shard_dirs, out_dir, expected_shards=None):
     """
     if not shard_dirs:
         raise UserError(f"no shards to merge for {out_dir}: run `collect` first")
-    metas = []
-    for d in sorted(shard_dirs):
+    shard_dirs, metas = sorted(shard_dirs), []
+    for d in shard_dirs:
         if not os.path.exists(os.path.join(d, "meta.json")):
             raise UserError(f"shard {d} is incomplete (no meta.json): re-run its `collect --shard` to finish it")
         metas.append(load_json(os.path.join(d, "meta.json")))
     found = sorted(int(re.search(r"shard_(\d+)of(\d+)", d).group(1)) for d in shard_dirs)
-    total = expected_shards or int(re.search(r"of(\d+)", shard_dirs[0]).group(1))
+    total = int(re.search(r"of(\d+)", shard_dirs[0]).group(1))
     missing = sorted(set(range(total)) - set(found))
     if missing:
         raise UserError(f"missing shards {missing} of {total} for {out_dir}: run `collect --shard i/{total}` for them")
@@ -586,7 +585,7 @@ def merge(shard_dirs, out_dir, expected_shards=None):
                 raise UserError(f"shard {d} has {k}={m.get(k)} but {shard_dirs[0]} has {metas[0].get(k)}; "
                                 "shards must match")
     seeds = [s for m in metas for s in m["seeds"]]
-    dup = sorted({s for s in seeds if seeds.count(s) > 1}) if len(set(seeds)) < len(seeds) else []
+    dup = sorted(s for s, count in collections.Counter(seeds).items() if count > 1)
     if dup:
         raise UserError(f"seeds overlap between shards (e.g. {dup[:3]}); shards need disjoint seeds")
     m0, n, T = metas[0], len(seeds), metas[0]["steps"]
@@ -598,8 +597,9 @@ def merge(shard_dirs, out_dir, expected_shards=None):
     arrays = {k: np.lib.format.open_memmap(os.path.join(out_dir, f"{k}.npy"), mode="w+", dtype=dt, shape=shape)
               for k, (shape, dt) in shapes.items()}
     order = sorted(seeds)
+    shard_of = {s: d for d, m in zip(shard_dirs, metas) for s in m["seeds"]}
     for i, s in enumerate(tqdm(order, desc=f"merge {os.path.basename(out_dir)}", leave=False)):
-        d = next(d for d, m in zip(shard_dirs, metas) if s in set(m["seeds"]))
+        d = shard_of[s]
         ep = load_episode(os.path.join(d, f"ep_{s}.npz"))
         for k in arrays:
             if ep[k].shape != arrays[k].shape[1:]:
@@ -1175,7 +1175,7 @@ def write_report(out):
     if "bc" in results:
         b = results["bc"]
         parts += [f"BC MLP: {b['params']:,} parameters, train MSE {b['train_mse']:.5f}, val MSE {b['val_mse']:.5f} "
-                  f"(seed: 279,490, 0.0001 / 0.0002).", "", f"![BC loss](bc_loss.png)", ""]
+                  f"(seed: 279,490, 0.0001 / 0.0002).", "", f"![BC loss, encoder {enc}](bc_loss.png)", ""]
     if "success.png" in plots:
         parts += [f"![success rates, encoder {enc}](success.png)", ""]
     if "dynamics" in results:
