@@ -182,6 +182,11 @@ def finger_and_target(physics):
     return xpos["finger", :2].copy(), xpos["target", :2].copy()
 
 
+def finger_distance(states):
+    """Finger-to-target distance (m) for every row of a state array (..., S)."""
+    return np.linalg.norm(states[..., 6:8] - states[..., 8:10], axis=-1)
+
+
 def reacher_state(physics):
     """Privileged low-dimensional state (STATE_NAMES): sin/cos joints, joint velocities, finger, target."""
     q = physics.data.qpos[:2]
@@ -434,8 +439,9 @@ def run_episodes(seeds, policy, encoder, steps, needs_z=True, keep_z=False, epsi
                     if epsilon > 0 and noise[i].random() < epsilon:
                         a[j] = noise[i].uniform(-1, 1, size=2)
                     rewards[i, t] = live[i].step(a[j]).reward
-                    windows[i].append(observe(physics[i]))
-                    states[i].append(reacher_state(physics[i]))
+                    obs = observe(physics[i])
+                    windows[i].append(obs)
+                    states[i].append(reacher_state(physics[i]) if encoder.pixels else obs)
                     if frames[i] is not None:
                         frames[i].append(frame(physics[i], windows[i]))
                 actions[g, t] = a
@@ -445,9 +451,9 @@ def run_episodes(seeds, policy, encoder, steps, needs_z=True, keep_z=False, epsi
             finger, target = finger_and_target(p)
             ep = {"seed": s, "actions": actions[i], "rewards": rewards[i], "states": np.stack(states[i]),
                   "final_distance": float(np.linalg.norm(target - finger))}
-            if keep_z:
-                gi, row = next((gi, list(g).index(i)) for gi, g in enumerate(groups) if i in g)
-                ep["z"] = np.stack([z_of(t, gi)[row] for t in range(steps + 1)])
+            if keep_z:  # groups are contiguous ranges of the chunk
+                gi = next(gi for gi, g in enumerate(groups) if i in g)
+                ep["z"] = np.stack([z_of(t, gi)[i - groups[gi][0]] for t in range(steps + 1)])
             if frames[i] is not None:
                 ep["frames"] = np.stack(frames[i])
             if on_episode:
@@ -463,7 +469,7 @@ def run_episodes(seeds, policy, encoder, steps, needs_z=True, keep_z=False, epsi
 def episode_metrics(episodes, steps):
     """success: reward 1 at the last step (finger inside target). seed_success: return > 150 per 200 steps."""
     n = len(episodes)
-    final_reward = np.array([e["rewards"][-1] if len(e["rewards"]) else 0.0 for e in episodes])
+    final_reward = np.array([e["rewards"][-1] for e in episodes])
     returns = np.array([e["rewards"].sum() for e in episodes])
     success = int((final_reward >= 1.0).sum())
     seed_success = int((returns > 150.0 * steps / 200).sum())  # seed: return > 150 over 200 steps
@@ -531,12 +537,10 @@ def collect_shard(shard_dir, encoder, expert, epsilon, steps, seeds, batch_size=
         print(f"resuming {shard_dir}: {len(seeds) - len(todo)} of {len(seeds)} episodes already saved")
     if todo and encoder.pixels:
         print_estimate(encoder, len(todo) * (steps + 1), batch_size)
-    for i in range(0, len(todo), batch_size):
-        chunk = todo[i:i + batch_size]
-        run_episodes(chunk, expert_policy(expert), encoder, steps, needs_z=False, keep_z=True, epsilon=epsilon,
-                     noise_seed=rng_seed, lean=lean, batch_size=batch_size,
-                     on_episode=lambda ep: save_episode(os.path.join(shard_dir, f"ep_{ep['seed']}.npz"), ep, dtype),
-                     desc=f"collect {os.path.basename(shard_dir)} [{len(seeds) - len(todo) + i}/{len(seeds)} done]")
+    run_episodes(todo, expert_policy(expert), encoder, steps, needs_z=False, keep_z=True, epsilon=epsilon,
+                 noise_seed=rng_seed, lean=lean, slots=batch_size, batch_size=batch_size,
+                 on_episode=lambda ep: save_episode(os.path.join(shard_dir, f"ep_{ep['seed']}.npz"), ep, dtype),
+                 desc=f"collect {os.path.basename(shard_dir)}")
     save_json(old, meta)
     return meta
 
@@ -939,7 +943,7 @@ def expert_goals(seeds, expert, encoder, steps, batch_size=32, lean=True):
                        batch_size=batch_size, lean=lean, keep_frames=1, desc="goals")  # goal frame for the GIF
     z_goal, info = [], []
     for ep in eps:
-        d = np.linalg.norm(ep["states"][:, 6:8] - ep["states"][:, 8:10], axis=1)
+        d = finger_distance(ep["states"])
         t = int(d.argmin())
         z_goal.append(ep["z"][t])
         info.append({"step": t, "distance": float(d[t]), "frame": ep["frames"][t] if "frames" in ep else None,
@@ -1058,7 +1062,7 @@ def gif(path, frames, captions, goal=None):
 
 
 def save_rollout_gif(path, ep, title, goal=None):
-    d = np.linalg.norm(ep["states"][:, 6:8] - ep["states"][:, 8:10], axis=1)
+    d = finger_distance(ep["states"])
     gif(path, ep["frames"], [f"{title} step {t} dist {d[t]:.3f} m" for t in range(len(ep["frames"]))], goal)
 
 
@@ -1458,7 +1462,7 @@ def stage_collect(args, encoder, expert=None, epsilon=None):
     shard_dir = os.path.join(args.out, "shards", name, f"shard_{i}of{n}")
     if os.path.exists(os.path.join(data_dir, "meta.json")) and not args.force:
         meta = load_json(os.path.join(data_dir, "meta.json"))
-        check_meta(meta, encoder, data_dir, steps=args.steps)
+        check_meta(meta, encoder, data_dir, steps=args.steps, lean=not args.full_render)
         if meta["seeds"] == sorted(seeds):
             print(f"collect: {data_dir} exists ({len(seeds)} episodes); --force to redo")
             return False
@@ -1486,7 +1490,7 @@ def stage_merge(args, encoder):
 
 
 def stage_explore(args, encoder):
-    stage_collect(args, encoder, args.explore_expert, args.explore_epsilon)
+    return stage_collect(args, encoder, args.explore_expert, args.explore_epsilon)
 
 
 def stage_bc(args, encoder):
@@ -1599,7 +1603,7 @@ def stage_plan(args, encoder):
                            batch_size=args.batch_size, keep_frames=int(planner == "cem" and not gif_made),
                            desc=f"plan {combo}")
         latent = np.stack([np.linalg.norm((ep["z"] - zg) / std, axis=1) for ep, zg in zip(eps, z_goal)])
-        finger = np.stack([np.linalg.norm(ep["states"][:, 6:8] - ep["states"][:, 8:10], axis=1) for ep in eps])
+        finger = np.stack([finger_distance(ep["states"]) for ep in eps])
         improvement = (latent[:, 0] - latent[:, -1]) / np.maximum(latent[:, 0], 1e-9)
         m = episode_metrics(eps, steps)
         for key, x in (("latent_initial", latent[:, 0]), ("latent_final", latent[:, -1]), ("latent_min", latent.min(1)),
@@ -1628,7 +1632,7 @@ def stage_probe(args, encoder):
         print(f"probe: {path} exists; --force to redo")
         return False
     seeds = episode_seeds("probe", args.probe_episodes, args.seed)
-    encoders = {"encoder": encoder, "random_init": random_init_like(encoder, args.seed + 1)}
+    random_init = random_init_like(encoder, args.seed + 1)  # None for `state`: it has no architecture
     # One rollout renders the frames; every encoder sees the same windows (frames are kept only here).
     eps = run_episodes(seeds, expert_policy(args.explore_expert), encoder, args.steps, needs_z=False, keep_z=True,
                        epsilon=args.explore_epsilon, noise_seed=args.seed,
@@ -1638,8 +1642,8 @@ def stage_probe(args, encoder):
     z = {"encoder": np.stack([ep["z"] for ep in eps])}
     if encoder.pixels:  # the oracle column; for `state` it would repeat the encoder column
         z["state"] = states
-    if encoders["random_init"] is not None:
-        z["random_init"] = np.stack([encode_batched(encoders["random_init"], windows_from_frames(ep["frames"]),
+    if random_init is not None:
+        z["random_init"] = np.stack([encode_batched(random_init, windows_from_frames(ep["frames"]),
                                                     args.batch_size) for ep in eps])
     E, T1 = states.shape[:2]
     probe = {k: probe_embeddings(v.reshape(E * T1, -1).astype(np.float64), states)
