@@ -21,7 +21,8 @@ SCRIPT = os.path.join(HERE, "vjepa_reacher.py")
 TINY = ["--episodes", "6", "--eval-episodes", "4", "--steps", "20", "--epochs", "5", "--dyn-epochs", "2",
         "--plan-episodes", "2", "--plan-steps", "6", "--samples", "16", "--elites", "4", "--rs-samples", "32",
         "--iterations", "2", "--horizon", "3",
-        "--probe-episodes", "4", "--batch-size", "8"]
+        "--probe-episodes", "4", "--batch-size", "8", "--rl-steps", "80", "--rl-envs", "2", "--rl-eval-every", "80",
+        "--rl-eval-episodes", "2"]
 
 # Without the 8.4M-param resblock, whose planning dominates a tiny run's time.
 LIGHT = ["--dynamics", "mlp", "mlp_rollout5", "--plans", "random/mlp", "cem/mlp", "cem/mlp_rollout5"]
@@ -510,7 +511,7 @@ def test_modal_app_pipeline_runs_locally_reports_failed_shards_and_resumes(tmp_p
 def test_all_quick_with_state_oracle(tmp_path, seed):
     out = str(tmp_path / "run")
     p = run("all", "--quick", "--encoder", "state", "--seed", seed, "--plans", "random/mlp", "cem/mlp",
-            "--dynamics", "mlp", "--out", out)
+            "--dynamics", "mlp", "--rl-steps", "400", "--out", out)
     assert p.returncode == 0, p.stderr[-3000:]
     r = json.load(open(os.path.join(out, "results.json")))
     assert r["encoder"] == {"id": "state", "dim": 10, "precision": r["encoder"]["precision"]}
@@ -528,7 +529,7 @@ def test_all_quick_with_state_oracle(tmp_path, seed):
     assert {"bc", "eval", "dynamics", "plan", "probe"} <= set(r["timing"])
     assert r["probe"]["encoder"]["finger_xy"] > 0.95  # the state oracle holds the finger position linearly
     pngs = sorted(os.path.basename(f) for f in glob.glob(os.path.join(out, "*.png")))
-    assert pngs == ["bc_loss.png", "dynamics.png", "plan_distance.png", "probe.png", "success.png"]
+    assert pngs == ["bc_loss.png", "dynamics.png", "plan_distance.png", "probe.png", "rl_curve.png", "success.png"]
     assert all(os.path.getsize(os.path.join(out, f)) > 5000 for f in pngs)
     assert len(glob.glob(os.path.join(out, "*.gif"))) == 3
     assert "\r" not in p.stderr  # one line per interval in a log, not tqdm's carriage returns
@@ -549,7 +550,7 @@ def test_all_quick_with_tiny_vjepa2_then_report(tmp_path):
     assert p.returncode == 0, p.stderr[-3000:]
     report = open(os.path.join(out, "report.md")).read()
     assert "NOT V-JEPA 2" in report and "python vjepa_reacher.py all --quick --encoder tiny" in report
-    assert len(glob.glob(os.path.join(out, "*.png"))) == 5
+    assert len(glob.glob(os.path.join(out, "*.png"))) == 6 and "rl" in r["eval"]  # SAC joins the Phase 1 table
 
 
 def test_same_seed_same_numbers(tmp_path):
@@ -561,6 +562,10 @@ def test_same_seed_same_numbers(tmp_path):
         r.pop("timing"), r.pop("config")
         for p in r["plan"].values():
             p.pop("ms_per_action"), p.pop("ms_per_step_all_episodes")
+        for run_ in r["rl"]["runs"].values():  # wall times
+            run_.pop("seconds")
+            for point in run_["curve"]:
+                point.pop("seconds")
     assert a == b
 
 
@@ -655,6 +660,24 @@ def test_report_states_episode_lengths_kept_epoch_and_seed_figures(state_run):
     assert "kept epoch 5 of 5" in report
     expert_rows = {l.split("|")[1].strip(): l for l in report.splitlines() if l.startswith("| expert")}
     assert "20% / 67.6" in expert_rows["expert `p`"] and "67.6" not in expert_rows["expert `jacobian`"]
+
+
+def test_gif_captions_sit_on_a_dark_band(state_run):
+    from PIL import Image
+    im = Image.open(os.path.join(state_run, "rollout_bc.gif")).convert("RGB")
+    top = np.asarray(im)[:4]
+    assert top.mean() < 60 and np.asarray(im)[4:20].max() > 200  # dark band, white text on it
+
+
+def test_bf16_planning_keeps_the_plan_quality():
+    model, z0, goal = linear_problem()
+    costs = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        fn = vr.latent_cost(model, z0, goal, "final", dtype)
+        best, _, _ = vr.cem(fn, 3, 10, generator=torch.Generator().manual_seed(0))
+        costs[dtype] = vr.latent_cost(model, z0, goal)(best[:, None]).mean().item()
+    assert costs[torch.bfloat16] < 0.1 * goal.norm(dim=-1).mean().item()
+    assert abs(costs[torch.bfloat16] - costs[torch.float32]) < 0.05 * goal.norm(dim=-1).mean().item()
 
 
 def test_written_files_respect_the_umask(state_run):
@@ -961,7 +984,7 @@ def test_rl_stage_runs_with_state_and_tiny_and_skips_when_done(tmp_path):
         assert curve[0] == "step,return,success,seed,variant" and len(curve) == 3
         assert os.path.exists(os.path.join(out, "rl_curve.png"))
         again = run(*args)
-        assert again.returncode == 0 and "rl.json exists; --force to redo" in again.stdout
+        assert again.returncode == 0 and "rl.json has rl; --force to redo" in again.stdout
 
 
 def test_bench_quick_smoke(tmp_path):

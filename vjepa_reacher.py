@@ -297,7 +297,9 @@ def build_parser():
     g("--plan-bf16", action="store_true", help="run the planner's dynamics rollouts in bf16 (fp16 on CUDA)")
     g("--probe-episodes", type=positive_int, default=20, help="episodes rendered for the probe")
     g = p.add_argument_group("reinforcement learning (SAC on frozen embeddings)").add_argument
-    g("--rl-steps", type=positive_int, default=100_000, help="environment steps (= the seed's 500 demos x 200)")
+    g("--rl-steps", type=positive_int, default=100_000, help="environment steps (= the seed's 500 demos x 200). "
+      "Cost: steps / --action-repeat encoded windows (50k at the defaults, half of Phase 1's collection) and as "
+      "many SAC updates; about 12 min with `state` on this 2-core CPU, hours with ViT-L on a CPU")
     g("--rl-envs", type=positive_int, default=8, help="environments stepped in lockstep, encoded as one batch")
     g("--action-repeat", type=positive_int, default=2, help="repeat each action this many steps (DrQ: 2 for reacher)")
     g("--rl-demos", action="store_true", help="also sample half of each batch from the Phase 1 demos (as RLPD)")
@@ -1682,7 +1684,10 @@ def train_sac(encoder, envs, seeds_fn, steps_per_episode, total_steps, mean, std
         run_episodes(chunk, agent, encoder, envs, steps_per_episode, keep_z=True, on_episode=agent.add_episode,
                      action_repeat=action_repeat)
         if progress is not None:
-            progress.update(len(chunk) * per_episode, ret=f"{np.mean(agent.returns[-len(chunk):]):.0f}")
+            shown = {"return": f"{np.mean(agent.returns[-len(chunk):]):.0f}"}
+            if curve:
+                shown["eval success"] = f"{curve[-1]['success']:.2f}"
+            progress.update(len(chunk) * per_episode, **shown)
         last = start + envs.n >= len(seeds)
         if eval_fn is not None and (agent.env_steps >= next_eval or last):
             m = eval_fn(agent)
@@ -2476,13 +2481,14 @@ def rl_standardisation(args, encoder):
     data_dir = os.path.join(args.out, "data", dataset_name(args.expert, args.epsilon))
     if os.path.exists(os.path.join(data_dir, "meta.json")):
         data = load_dataset(data_dir, encoder)
-        return (*standardizer(data["z"], np.arange(len(data["z"]))), f"Phase 1 data ({data_dir})")
+        name = os.path.relpath(data_dir, args.out)
+        return (*standardizer(data["z"], np.arange(len(data["z"]))), f"the Phase 1 data ({name})")
     seeds = episode_seeds("rl", 16, args.seed)[::-1]  # the range's far end: training starts at its front
     envs = make_envs(16, 0, frame_size_of(encoder), lean(args))
     eps = run_episodes(seeds, random_policy(np.random.default_rng(args.seed)), encoder, envs, args.steps,
                        needs_z=False, keep_z=True, batch_size=args.batch_size, desc="rl warm-up")
     z = np.stack([ep["z"] for ep in eps])
-    return (*standardizer(z, np.arange(len(z))), "16 random-action episodes")
+    return (*standardizer(z, np.arange(len(z))), "16 random-action episodes (no Phase 1 data)")
 
 
 def rl_estimate(args, encoder):
@@ -2504,11 +2510,14 @@ def stage_rl(args, encoder):
     """SAC on frozen embeddings, without and (with --rl-demos) with the Phase 1 demos mixed in; the final
     deterministic policy is evaluated like every other condition, on the evaluation episodes."""
     path = os.path.join(args.out, "rl.json")
-    if exists_skip(args, path, "rl"):
+    done = load_json(path) if os.path.exists(path) and not args.force else {"runs": {}, "eval": {}}
+    wanted = ["rl"] + ["rl+demos"] * args.rl_demos
+    if all(name in done["runs"] for name in wanted):  # each variant is kept once it finishes
+        print(f"rl: {path} has {', '.join(wanted)}; --force to redo")
         return False
     mean, std, source = rl_standardisation(args, encoder)
-    variants = {"rl": None}
-    if args.rl_demos:
+    variants = {"rl": None} if "rl" not in done["runs"] else {}
+    if args.rl_demos and "rl+demos" not in done["runs"]:
         data = load_dataset(os.path.join(args.out, "data", dataset_name(args.expert, args.epsilon)), encoder)
         episodes = [{"z": data["z"][e], "actions": data["actions"][e], "rewards": data["rewards"][e]}
                     for e in range(len(data["z"]))]
@@ -2516,16 +2525,16 @@ def stage_rl(args, encoder):
     # SAC's nets are small: one CPU thread (2 threads were 200x slower here beside another busy process); a
     # ViT-L encoder keeps every thread.
     with cpu_threads(1 if args.device == "cpu" and encoder.dim < 512 else None):
-        return run_rl(args, encoder, path, mean, std, source, variants)
+        return run_rl(args, encoder, path, mean, std, source, variants, done)
 
 
-def run_rl(args, encoder, path, mean, std, source, variants):
+def run_rl(args, encoder, path, mean, std, source, variants, done):
     rl_estimate(args, encoder)
     eval_seeds = episode_seeds("eval", args.eval_episodes, args.seed)
     workers = render_workers(args.render_workers)
     envs = make_envs(args.rl_envs, workers, frame_size_of(encoder), lean(args))
     eval_envs = make_envs(min(len(eval_seeds), args.batch_size), workers, frame_size_of(encoder), lean(args))
-    result = {"runs": {}, "eval": {}, "standardisation": source, "steps": args.steps}
+    result = dict(done, standardisation=source, steps=args.steps)
     try:
         for name, demos in variants.items():
             def curve_eval(agent):
@@ -2546,6 +2555,7 @@ def run_rl(args, encoder, path, mean, std, source, variants):
                         "mean": mean.tolist(), "std": std.tolist()})
             print(f"rl {name}: {agent.env_steps:,} env steps, {agent.updates:,} updates, "
                   f"{time.time() - t0:.0f} s | final success {fmt_rate(result['eval'][name])}")
+            save_json(path, result)
     finally:
         envs.close(), eval_envs.close()
     write_text(os.path.join(args.out, "rl_curve.csv"), "step,return,success,seed,variant\n" + "".join(
@@ -2868,6 +2878,8 @@ def aggregate_seeds(out, seeds):
             md_table(["measure", "per seed", "mean ± 95% across seeds", "pooled Wilson 95% (all episodes)",
                       "return, mean ± 95%"], rows) + "\n")
     write_text(os.path.join(out, "seeds.md"), text)
+    links = " ".join(f"[seed {s}](seed_{s}/report.md)" for s in seeds)
+    write_text(os.path.join(out, "report.md"), f"# vjepa-reacher over training seeds\n\n{text}\nPer seed: {links}\n")
     print(text)
 
 
