@@ -2491,7 +2491,7 @@ def rl_standardisation(args, encoder):
     return (*standardizer(z, np.arange(len(z))), "16 random-action episodes (no Phase 1 data)")
 
 
-def rl_estimate(args, encoder):
+def rl_estimate(args, encoder, variants=1):
     """Expected time from measured rates: SAC updates timed here, encoding as `collect` estimates it."""
     agent = SACAgent(encoder.dim, np.zeros(encoder.dim), np.ones(encoder.dim), device=args.device, capacity=512)
     agent.buffer.add_episode(np.zeros((257, encoder.dim), np.float32), np.zeros((256, 2)), np.zeros(256))
@@ -2499,7 +2499,7 @@ def rl_estimate(args, encoder):
     t0 = time.perf_counter()
     for _ in range(10):
         agent.update()
-    updates = (args.rl_steps - min(5_000, args.rl_steps // 4)) // args.action_repeat * (1 + args.rl_demos)
+    updates = (args.rl_steps - min(5_000, args.rl_steps // 4)) // args.action_repeat * variants
     seconds = (time.perf_counter() - t0) / 10 * updates
     print(f"estimate: {updates:,} SAC updates at {seconds / updates * 1000:.1f} ms = {seconds / 60:.1f} min")
     if encoder.pixels:
@@ -2529,7 +2529,7 @@ def stage_rl(args, encoder):
 
 
 def run_rl(args, encoder, path, mean, std, source, variants, done):
-    rl_estimate(args, encoder)
+    rl_estimate(args, encoder, len(variants))
     eval_seeds = episode_seeds("eval", args.eval_episodes, args.seed)
     workers = render_workers(args.render_workers)
     envs = make_envs(args.rl_envs, workers, frame_size_of(encoder), lean(args))
@@ -2879,7 +2879,10 @@ def aggregate_seeds(out, seeds):
                       "return, mean ± 95%"], rows) + "\n")
     write_text(os.path.join(out, "seeds.md"), text)
     links = " ".join(f"[seed {s}](seed_{s}/report.md)" for s in seeds)
-    write_text(os.path.join(out, "report.md"), f"# vjepa-reacher over training seeds\n\n{text}\nPer seed: {links}\n")
+    first = load_json(os.path.join(out, f"seed_{seeds[0]}", "config.json"))
+    commands = "".join(f"    {c}\n" for c in first["commands"])
+    write_text(os.path.join(out, "report.md"), f"# vjepa-reacher over training seeds\n\nMade by these commands, in "
+               f"order (the per-seed reports list their own):\n\n{commands}\n{text}\nPer seed: {links}\n")
     print(text)
 
 
