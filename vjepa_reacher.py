@@ -38,6 +38,7 @@ import argparse
 import collections
 import concurrent.futures
 import contextlib
+import copy
 import glob
 import json
 import math
@@ -573,6 +574,12 @@ class Envs:
     def close(self):
         pass
 
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
 
 def env_worker(conn, n, frame_size, lean, expert, shm_name):
     """One render worker: owns n envs and a GL context; writes frames into shared memory, rest by pipe."""
@@ -680,6 +687,12 @@ class EnvWorkers:
             if shm:
                 shm.close(), shm.unlink()
 
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
 
 def render_workers(requested):
     """-1 (auto): one worker per 2 cores beyond the 2 that the encoder and main loop use; none on 2 cores."""
@@ -687,7 +700,8 @@ def render_workers(requested):
 
 
 def make_envs(n, workers=0, frame_size=None, lean=True, expert=None):
-    """n envs in this process, or spread over `workers` render processes."""
+    """n envs in this process, or spread over `workers` render processes; use as `with make_envs(...) as envs`,
+    so worker processes and shared memory are released even on an error."""
     workers = min(workers, n)
     return EnvWorkers(n, workers, frame_size, lean, expert) if workers > 0 else Envs(n, frame_size, lean, expert)
 
@@ -755,13 +769,10 @@ class Encoder:
     def variant(self, precision=None, frame_size=None):
         """The same model at another precision or frame size (the seed's MPC: fp32, 224 px)."""
         precision = choose_precision(self.device, precision or self.precision, self.dim)
-        if precision == "half" and self.model is not None:
-            model = self.model.half()
-        elif self.precision == "half" and self.model is not None:
-            model = self.model.float()
-        else:
-            model = self.model
-        return Encoder(self.id, self.dim, model, self.device, precision, self.config,
+        model = self.model
+        if model is not None and (precision == "half") != (self.precision == "half"):  # weights change dtype:
+            model = copy.deepcopy(model).to(torch.float16 if precision == "half" else torch.float32)  # a copy,
+        return Encoder(self.id, self.dim, model, self.device, precision, self.config,  # so self keeps its weights
                        frame_size or self.frame_size, self.forward)
 
 
@@ -1134,15 +1145,12 @@ def collect_shard(shard_dir, encoder, expert, epsilon, steps, seeds, batch_size=
     if todo and encoder.pixels:
         print_estimate(encoder, len(todo) * (steps + 1), batch_size)
     if todo:
-        envs = make_envs(min(batch_size, len(todo)), workers, frame_size_of(encoder), lean, expert)
-        try:
+        with make_envs(min(batch_size, len(todo)), workers, frame_size_of(encoder), lean, expert) as envs:
             run_episodes(todo, expert_policy, encoder, envs, steps, needs_z=False, keep_z=True, epsilon=epsilon,
                          noise_seed=rng_seed, batch_size=batch_size, desc=f"collect {os.path.basename(shard_dir)}",
                          on_episode=lambda ep: save_episode(os.path.join(shard_dir, f"ep_{ep['seed']}.npz"), ep,
                                                             dtype))
             meta["gl_renderer"] = envs.gl_renderer()
-        finally:
-            envs.close()
     save_json(old, meta)
     return meta
 
@@ -2435,6 +2443,12 @@ def lean(args):
     return not args.full_render
 
 
+def stage_envs(args, encoder, n, expert=None):
+    """Envs for n episodes as the options ask: up to --batch-size in lockstep, --render-workers, frame size."""
+    return make_envs(min(n, args.batch_size), render_workers(args.render_workers), frame_size_of(encoder), lean(args),
+                     expert)
+
+
 def stage_collect(args, encoder, expert=None, epsilon=None):
     expert = expert or args.expert
     epsilon = args.epsilon if epsilon is None else epsilon
@@ -2531,11 +2545,9 @@ def stage_rl(args, encoder):
 def run_rl(args, encoder, path, mean, std, source, variants, done):
     rl_estimate(args, encoder, len(variants))
     eval_seeds = episode_seeds("eval", args.eval_episodes, args.seed)
-    workers = render_workers(args.render_workers)
-    envs = make_envs(args.rl_envs, workers, frame_size_of(encoder), lean(args))
-    eval_envs = make_envs(min(len(eval_seeds), args.batch_size), workers, frame_size_of(encoder), lean(args))
     result = dict(done, standardisation=source, steps=args.steps)
-    try:
+    with make_envs(args.rl_envs, render_workers(args.render_workers), frame_size_of(encoder), lean(args)) as envs, \
+            stage_envs(args, encoder, len(eval_seeds)) as eval_envs:
         for name, demos in variants.items():
             def curve_eval(agent):
                 return evaluate_sac(agent, encoder, eval_envs, eval_seeds[:args.rl_eval_episodes], args.steps,
@@ -2556,8 +2568,6 @@ def run_rl(args, encoder, path, mean, std, source, variants, done):
             print(f"rl {name}: {agent.env_steps:,} env steps, {agent.updates:,} updates, "
                   f"{time.time() - t0:.0f} s | final success {fmt_rate(result['eval'][name])}")
             save_json(path, result)
-    finally:
-        envs.close(), eval_envs.close()
     write_text(os.path.join(args.out, "rl_curve.csv"), "step,return,success,seed,variant\n" + "".join(
         f"{c['step']},{c['return']:.3f},{c['success']:.4f},{args.seed},{name}\n"
         for name, run in result["runs"].items() for c in run["curve"]))
@@ -2626,13 +2636,9 @@ def stage_eval(args, encoder):
         results["experts"][name] = episode_metrics(eps, args.steps)
     if encoder.pixels:
         print_estimate(encoder, len(seeds) * (args.steps + 1), args.batch_size)
-    envs = make_envs(min(len(seeds), args.batch_size), render_workers(args.render_workers), frame_size_of(encoder),
-                     lean(args))
-    try:
+    with stage_envs(args, encoder, len(seeds)) as envs:
         eps = run_episodes(seeds, bc_policy(model, mean, std), encoder, envs, args.steps, batch_size=args.batch_size,
                            keep_frames=int(encoder.pixels), desc="eval bc")
-    finally:
-        envs.close()
     results["eval"]["bc"] = episode_metrics(eps, args.steps)
     if not encoder.pixels:
         eps = [gif_episode(seeds[0], bc_policy(model, mean, std), encoder, args.steps, args.frame_size, lean(args))]
@@ -2705,15 +2711,11 @@ def plan_settings(args, planner):
 
 def plan_goals(args, encoder, seeds, kind):
     """z_goal for every plan episode: the expert goal, or the seed's random-run goal for random shooting."""
-    envs = make_envs(min(len(seeds), args.batch_size), render_workers(args.render_workers), frame_size_of(encoder),
-                     lean(args), args.goal_expert if kind == "expert" else None)
-    try:
+    with stage_envs(args, encoder, len(seeds), args.goal_expert if kind == "expert" else None) as envs:
         if kind == "expert":
             return expert_goals(seeds, args.goal_expert, encoder, envs, args.goal_horizon, args.goal_form,
                                 args.batch_size)
         return random_run_goals(seeds, encoder, envs, args.goal_form, batch_size=args.batch_size)
-    finally:
-        envs.close()
 
 
 def stage_plan(args, encoder):
@@ -2737,14 +2739,10 @@ def stage_plan(args, encoder):
         z_goal, info = goals["random-run" if planner == "random" and "random-run" in goals else "expert"]
         model, mean, std = models[name]
         mpc = MPC(model, dict(zip(seeds, z_goal)), mean, std, **plan_settings(args, planner))
-        envs = make_envs(min(len(seeds), args.batch_size), render_workers(args.render_workers),
-                         frame_size_of(plan_encoder), lean(args))
-        try:
+        with stage_envs(args, plan_encoder, len(seeds)) as envs:
             eps = run_episodes(seeds, mpc, plan_encoder, envs, steps, keep_z=True, window_form=args.mpc_obs,
                                keep_frames=int(planner == "cem" and not gif_made and plan_encoder.pixels),
                                batch_size=args.batch_size, desc=f"plan {combo}")
-        finally:
-            envs.close()
         m, trace = plan_metrics(eps, z_goal, std, steps, mpc.seconds, info)
         done["plan"][combo], done["plan_traces"][combo] = m, trace
         save_json(path, dict(done, steps=steps))
@@ -2791,14 +2789,11 @@ def stage_probe(args, encoder):
         return False
     seeds = episode_seeds("probe", args.probe_episodes, args.seed)
     random_init = random_init_like(encoder, args.seed + 1)  # None for `state`: it has no architecture
-    envs = make_envs(min(len(seeds), args.batch_size), render_workers(args.render_workers), frame_size_of(encoder),
-                     lean(args), args.explore_expert)
-    try:  # one rollout renders the frames; every encoder sees the same windows (frames are kept only here)
+    # One rollout renders the frames; every encoder sees the same windows (frames are kept only here).
+    with stage_envs(args, encoder, len(seeds), args.explore_expert) as envs:
         eps = run_episodes(seeds, expert_policy, encoder, envs, args.steps, needs_z=False, keep_z=True,
                            epsilon=args.explore_epsilon, noise_seed=args.seed, batch_size=args.batch_size,
                            keep_frames=len(seeds) if encoder.pixels else 0, desc="probe")
-    finally:
-        envs.close()
     states = np.stack([ep["states"] for ep in eps])
     z = {"encoder": np.stack([ep["z"] for ep in eps])}
     if encoder.pixels:  # the oracle column; for `state` it would repeat the encoder column
