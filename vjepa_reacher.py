@@ -48,15 +48,14 @@ import re
 import sys
 import tempfile
 import time
+from functools import partial
 
 os.environ.setdefault("MUJOCO_GL", "egl")  # headless rendering; must be set before dm_control is imported
 # Idle torch threads sleep instead of spinning: beside another busy process on 2 cores, spinning made tiny's
 # encoding 4x slower and a quick `bench` 2.3x slower (measured here). Set before torch is imported.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-# ----------------------------------------------------------------------------------------------
-# Constants
-# ----------------------------------------------------------------------------------------------
+# ---- Constants -----------------------------------------------------------------------------------------------------
 FRAME_SIZE = 256  # seed: 256x256 frames in Phases 1 and 2 (its MPC used 224: --plan-frame-size)
 WINDOW = 8  # seed: the last 8 frames form one V-JEPA 2 clip
 DEFAULT_ENCODER = "facebook/vjepa2-vitl-fpc64-256"
@@ -64,8 +63,7 @@ MAX_STEPS = 1000  # reacher-easy's own time limit: 20 s at 0.02 s per control st
 IMAGENET_MEAN = (0.485, 0.456, 0.406)  # V-JEPA 2 was pretrained with ImageNet normalisation
 IMAGENET_STD = (0.229, 0.224, 0.225)
 LEAN_RENDER = dict(shadow=False, reflection=False, skybox=False)  # 2.3x faster, same arm and target
-STATE_NAMES = ["sin_q0", "sin_q1", "cos_q0", "cos_q1", "qvel0", "qvel1",
-               "finger_x", "finger_y", "target_x", "target_y"]
+STATE_NAMES = ["sin_q0", "sin_q1", "cos_q0", "cos_q1", "qvel0", "qvel1", "finger_x", "finger_y", "target_x", "target_y"]
 SUCCESS_RADIUS = 0.06  # reward 1 inside target radius 0.05 + finger radius 0.01 (reacher-easy)
 # Episode seeds (each one fixes reacher's target and arm start), one table; see `episode_seeds`.
 # Held-out episodes are the same for every --seed, so training seeds are compared on paired episodes;
@@ -86,56 +84,28 @@ class UserError(Exception):
     """A problem the user can fix: printed as one line, never as a traceback."""
 
 
-# ----------------------------------------------------------------------------------------------
-# Options. They come first, as CleanRL's Args do, so that --help and a bad option answer at once,
+# ---- Options -------------------------------------------------------------------------------------------------------
+# They come first, as CleanRL's Args do, so that --help and a bad option answer at once,
 # before torch loads. Defaults are ours; `--recipe seed` fills every knob that differs from the
 # seed's published code with the seed's value (each help line gives both, and README.md why).
-# ----------------------------------------------------------------------------------------------
-def positive_int(s):
-    try:
-        v = int(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {s!r}")
-    if v <= 0:
-        raise argparse.ArgumentTypeError(f"must be > 0, got {v}")
-    return v
+def number(cast, what, low, high=math.inf, strict=False):
+    """An argparse type: a finite int or float (`cast`) in [low, high], or (low, high] when strict."""
+    def parse(s):
+        try:
+            v = cast(s)
+        except ValueError:
+            v = math.nan
+        if not (math.isfinite(v) and (v > low if strict else v >= low) and v <= high):
+            raise argparse.ArgumentTypeError(f"expected {what}, got {s!r}")
+        return v
+    return parse
 
 
-def nonneg_float(s):
-    try:
-        v = float(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {s!r}")
-    if not math.isfinite(v) or v < 0:
-        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {s}")
-    return v
-
-
-def positive_float(s):
-    v = nonneg_float(s)
-    if v == 0:
-        raise argparse.ArgumentTypeError("must be > 0")
-    return v
-
-
-def unit_float(s):
-    try:
-        v = float(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {s!r}")
-    if not 0 <= v <= 1:
-        raise argparse.ArgumentTypeError(f"must be in [0, 1], got {v}")
-    return v
-
-
-def seed_int(s):
-    try:
-        v = int(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer in [0, 2**31 - 1], got {s!r}")
-    if not 0 <= v <= MAX_SEED:
-        raise argparse.ArgumentTypeError(f"must be in [0, 2**31 - 1 = {MAX_SEED}], got {v}")
-    return v
+positive_int = number(int, "an integer > 0", 0, strict=True)
+nonneg_float = number(float, "a finite number >= 0", 0)
+positive_float = number(float, "a finite number > 0", 0, strict=True)
+unit_float = number(float, "a number in [0, 1]", 0, 1)
+seed_int = number(int, f"an integer in [0, 2**31 - 1 = {MAX_SEED}]", 0, MAX_SEED)
 
 
 def shard_spec(s):
@@ -175,11 +145,8 @@ RECIPES = {"ours": {}, "seed": dict(
     encoder_forward="full")}
 
 
-def build_parser():
-    p = argparse.ArgumentParser(prog="vjepa_reacher.py", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("stage", choices=list(STAGE_NAMES) + ["all", "bench"],
-                   help="what to run; `all` runs " + " -> ".join(ALL))
+def run_options(p):
+    """Where the run goes, what encodes, which recipe, seeds and devices."""
     a = p.add_argument
     a("--out", default="runs/default", help="run folder; stages talk only through files in it")
     a("--encoder", type=encoder_name, default=DEFAULT_ENCODER, help="V-JEPA 2 hub id or local folder, `tiny` or "
@@ -199,6 +166,9 @@ def build_parser():
     a("--force", action="store_true", help="re-run stages whose outputs exist (otherwise they are skipped)")
     a("--bench-out", default=None, help="folder for bench.json and bench.md (default: results/, or --out with "
       "--quick, so a smoke run never overwrites the committed numbers)")
+
+
+def data_options(p):
     g = p.add_argument_group("data (Phases 1 and 2)").add_argument
     g("--expert", choices=EXPERT_NAMES, default="jacobian", help="demo expert; `p` is the seed's P-controller")
     g("--episodes", type=positive_int, default=500, help="episodes to collect (seed: 500)")
@@ -222,6 +192,9 @@ def build_parser():
     g("--store-dtype", choices=["float32", "float16"], default="float32", help="embedding storage; float16 halves "
       "the disk")
     g("--full-render", action="store_true", help="render with shadows, reflections and skybox (2.3x slower)")
+
+
+def bc_options(p):
     g = p.add_argument_group("behaviour cloning (Phase 1)").add_argument
     g("--epochs", type=positive_int, default=100, help="BC epochs (seed: 100)")
     g("--bc-optimizer", choices=["adamw", "adam"], default="adamw", help="seed: adam; ours: adamw")
@@ -237,6 +210,9 @@ def build_parser():
       "the training episodes (ours), of all samples (seed), or not at all")
     g("--schedule-step", choices=["batch", "epoch"], default="batch", help="cosine learning-rate decay stepped per "
       "batch (ours) or per epoch (seed)")
+
+
+def dynamics_options(p):
     g = p.add_argument_group("dynamics (Phases 3, 4c, 4d)").add_argument
     g("--dynamics", nargs="+", choices=DYNAMICS, default=list(DYNAMICS), help="dynamics models to train and plan "
       "with")
@@ -259,6 +235,9 @@ def build_parser():
       "start of every episode (ours) or 64 episodes per batch sharing one random start (seed)")
     g("--resblock-relu", choices=["off", "on"], default="off", help="ReLU after each ResBlock's skip-add: "
       "ReLU(x + net(x)) (seed: on; ours: off, a plain residual stream)")
+
+
+def plan_options(p):
     g = p.add_argument_group("planning (Phases 4, 4b)").add_argument
     g("--plans", nargs="+", choices=PLANS, default=list(PLANS), help="planner/model pairs for `plan`")
     g("--plan-episodes", type=positive_int, default=20, help="MPC episodes per planner (seed: 1, on seed 42)")
@@ -297,6 +276,9 @@ def build_parser():
       "in MPC (seed: fp32; ours: --precision)")
     g("--plan-bf16", action="store_true", help="run the planner's dynamics rollouts in bf16 (fp16 on CUDA)")
     g("--probe-episodes", type=positive_int, default=20, help="episodes rendered for the probe")
+
+
+def rl_options(p):
     g = p.add_argument_group("reinforcement learning (SAC on frozen embeddings)").add_argument
     g("--rl-steps", type=positive_int, default=100_000, help="environment steps (= the seed's 500 demos x 200). "
       "Cost: steps / --action-repeat encoded windows (50k at the defaults, half of Phase 1's collection) and as "
@@ -307,8 +289,16 @@ def build_parser():
     g("--rl-eval-every", type=positive_int, default=10_000, help="environment steps between learning-curve "
       "evaluations")
     g("--rl-eval-episodes", type=positive_int, default=10, help="episodes per learning-curve point")
-    return p
 
+
+def build_parser():
+    p = argparse.ArgumentParser(prog="vjepa_reacher.py", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("stage", choices=list(STAGE_NAMES) + ["all", "bench"],
+                   help="what to run; `all` runs " + " -> ".join(ALL))
+    for add_options in (run_options, data_options, bc_options, dynamics_options, plan_options, rl_options):
+        add_options(p)
+    return p
 
 def given_options(argv):
     """The options the user typed (even at their default values): a parse in which nothing has a default."""
@@ -368,9 +358,7 @@ SEED_PHASE4 = {  # the seed's Phase 4 table: one 200-step episode each (random s
 }
 
 
-# ----------------------------------------------------------------------------------------------
-# Small plumbing: atomic writes, JSON, seeding
-# ----------------------------------------------------------------------------------------------
+# ---- Small plumbing: atomic writes, JSON, seeding ------------------------------------------------------------------
 @contextlib.contextmanager
 def atomic_path(path):
     """Yield a temp path beside `path`; rename it onto `path` only if the block finishes."""
@@ -392,6 +380,11 @@ def atomic_path(path):
 def save_json(path, obj):
     with atomic_path(path) as tmp, open(tmp, "w") as f:
         json.dump(obj, f, indent=1, default=float)
+
+
+def write_text(path, text):
+    with atomic_path(path) as tmp, open(tmp, "w") as f:
+        f.write(text)
 
 
 def load_json(path, made_by=None):
@@ -441,9 +434,7 @@ def mean_ci(x):
     return float(x.mean()), float(half)
 
 
-# ----------------------------------------------------------------------------------------------
-# Environment and experts
-# ----------------------------------------------------------------------------------------------
+# ---- Environment and experts ---------------------------------------------------------------------------------------
 def make_env(seed=0):
     """dm_control reacher-easy: 2 joint motors in [-1, 1], target radius 0.05 m, 0.02 s control step."""
     from dm_control import suite
@@ -529,7 +520,20 @@ def jacobian_expert(physics, kp=400.0, kd=0.1):
 EXPERTS = {"p": p_expert, "jacobian": jacobian_expert}
 
 
-class Envs:
+class EnvPool:
+    """What Envs and EnvWorkers share: used as `with make_envs(...) as envs`, they close on leaving the block."""
+
+    def close(self):
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+class Envs(EnvPool):
     """n reacher-easy envs in this process, stepped in lockstep; `EnvWorkers` is the same in K processes.
 
     reset(seeds) and step(actions, idx) return obs: state (B, S), frame (B, H, W, 3) uint8 when
@@ -571,15 +575,6 @@ class Envs:
     def gl_renderer(self):
         return self.renderer.gl_renderer() if self.renderer else "none"
 
-    def close(self):
-        pass
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
-
 
 def env_worker(conn, n, frame_size, lean, expert, shm_name):
     """One render worker: owns n envs and a GL context; writes frames into shared memory, rest by pipe."""
@@ -594,18 +589,16 @@ def env_worker(conn, n, frame_size, lean, expert, shm_name):
             break
         if cmd == "reset":
             obs, rewards = envs.reset(arg), None
-            idx = range(len(arg))
         else:
-            idx = range(len(arg))
-            obs, rewards = envs.step(arg, idx, repeat)
+            obs, rewards = envs.step(arg, range(len(arg)), repeat)
         if frames is not None:
-            frames[:len(idx)] = obs.pop("frame")
+            frames[:len(arg)] = obs.pop("frame")
         conn.send((obs, rewards))
     if shm:
         shm.close()
 
 
-class EnvWorkers:
+class EnvWorkers(EnvPool):
     """`Envs` spread over K worker processes that step their share in parallel (same interface).
 
     A small multiprocessing design rather than gymnasium's AsyncVectorEnv(shared_memory=True): the experts
@@ -632,9 +625,22 @@ class EnvWorkers:
         self.renderers = [c.recv() for c in self.conns]
         self.starts = np.cumsum([0] + self.sizes)
 
-    def _gather(self, workers, counts):
+    def _send(self, cmd, values, idx, repeat=1):
+        """Send each worker its rows of values (those of idx in its range: a prefix of its envs)."""
+        idx, sent = np.asarray(idx), []
+        for w, (lo, hi) in enumerate(zip(self.starts[:-1], self.starts[1:])):
+            mine = (idx >= lo) & (idx < hi)
+            if mine.any():
+                if not np.array_equal(idx[mine], np.arange(lo, lo + mine.sum())):
+                    raise ValueError("EnvWorkers steps a prefix of each worker's envs")
+                self.conns[w].send((cmd, values[mine], repeat))
+                sent.append((w, int(mine.sum())))
+        return sent
+
+    def _gather(self, sent):
+        """Each worker's reply: frames from its shared memory, the rest through its pipe, joined in order."""
         parts = []
-        for w, count in zip(workers, counts):
+        for w, count in sent:
             obs, rewards = self.conns[w].recv()
             if self.frame_size:
                 size = self.frame_size
@@ -644,29 +650,11 @@ class EnvWorkers:
         rewards = None if parts[0][1] is None else np.concatenate([p[1] for p in parts])
         return obs, rewards
 
-    def _split(self, values, idx):
-        """Send each worker its slice of values (indexed like idx); returns the workers and their counts."""
-        idx = np.asarray(idx)
-        workers, counts = [], []
-        for w, (lo, hi) in enumerate(zip(self.starts[:-1], self.starts[1:])):
-            mine = (idx >= lo) & (idx < hi)
-            if mine.any():
-                if not np.array_equal(idx[mine], np.arange(lo, lo + mine.sum())):
-                    raise ValueError("EnvWorkers steps a prefix of each worker's envs")
-                workers.append(w), counts.append(int(mine.sum()))
-        return workers, counts, [values[(idx >= self.starts[w]) & (idx < self.starts[w + 1])] for w in workers]
-
     def reset(self, seeds):
-        workers, counts, parts = self._split(np.asarray(seeds), np.arange(len(seeds)))
-        for w, part in zip(workers, parts):
-            self.conns[w].send(("reset", part, 1))
-        return self._gather(workers, counts)[0]
+        return self._gather(self._send("reset", np.asarray(seeds), np.arange(len(seeds))))[0]
 
     def step(self, actions, idx, repeat=1):
-        workers, counts, parts = self._split(np.asarray(actions), idx)
-        for w, part in zip(workers, parts):
-            self.conns[w].send(("step", part, repeat))
-        return self._gather(workers, counts)
+        return self._gather(self._send("step", np.asarray(actions), idx, repeat))
 
     def groups(self, n):
         """Whole workers per group, so one group's workers step while the other group encodes."""
@@ -687,12 +675,6 @@ class EnvWorkers:
             if shm:
                 shm.close(), shm.unlink()
 
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
-
 
 def render_workers(requested):
     """-1 (auto): one worker per 2 cores beyond the 2 that the encoder and main loop use; none on 2 cores."""
@@ -706,21 +688,20 @@ def make_envs(n, workers=0, frame_size=None, lean=True, expert=None):
     return EnvWorkers(n, workers, frame_size, lean, expert) if workers > 0 else Envs(n, frame_size, lean, expert)
 
 
-# ----------------------------------------------------------------------------------------------
-# Policies: policy(z, obs) -> actions (B, 2). z is (B, D) or None; obs holds the state, expert and seed.
-# ----------------------------------------------------------------------------------------------
+# ---- Policies ------------------------------------------------------------------------------------------------------
+# policy(z, obs) -> actions (B, 2). z is (B, D) or None; obs holds the state, expert and seed.
 def expert_policy(z, obs):
     """The expert's action, computed where the physics lives (Envs(expert=...))."""
     return obs["expert"]
 
 
 def random_policy(rng):
-    return lambda z, obs: rng.uniform(-1, 1, size=(len(obs["state"]), 2))
+    def act(z, obs):
+        return rng.uniform(-1, 1, size=(len(obs["state"]), 2))
+    return act
 
 
-# ----------------------------------------------------------------------------------------------
-# Frame window and encoders
-# ----------------------------------------------------------------------------------------------
+# ---- Frame window and encoders -------------------------------------------------------------------------------------
 def new_window(first):
     """The last WINDOW observations; at reset the first one is repeated to fill it."""
     return collections.deque([first] * WINDOW, maxlen=WINDOW)
@@ -733,12 +714,12 @@ def window_array(window, form="window"):
 
 def windows_from_frames(frames, form="window"):
     """Frames (T+1, ...) -> the window seen at every step (T+1, WINDOW, ...), padded as in an episode."""
-    window, out = new_window(frames[0]), []
+    window, windows = new_window(frames[0]), []
     for t, f in enumerate(frames):
         if t:
             window.append(f)
-        out.append(window_array(window, form))
-    return np.stack(out)
+        windows.append(window_array(window, form))
+    return np.stack(windows)
 
 
 def tiny_config():
@@ -748,6 +729,24 @@ def tiny_config():
                         patch_size=32, crop_size=FRAME_SIZE, frames_per_clip=WINDOW, tubelet_size=2,
                         pred_hidden_size=32, pred_num_hidden_layers=1, pred_num_attention_heads=4,
                         pred_num_mask_tokens=2, num_pooler_layers=1)
+
+
+def cpu_has_bf16():
+    """Native bf16 matmuls (AVX512-BF16 or AMX); torch exposes the check only as a private helper."""
+    check = getattr(torch.cpu, "_is_avx512_bf16_supported", None)
+    return bool(check and check())
+
+
+def choose_precision(device, precision="auto", hidden_size=1024):
+    """fp16 autocast on CUDA; bf16 autocast on CPUs with native bf16 (ViT-L measured here: 4.5 s -> 2.6 s a
+    window). `half` casts the weights themselves to fp16, as the seed did."""
+    if precision != "auto":
+        return precision
+    if device.startswith("cuda"):
+        return "fp16"
+    if hidden_size < 512:  # measured: bf16 makes the 64-d `tiny` slower (casts outweigh its small matmuls)
+        return "fp32"
+    return "bf16" if cpu_has_bf16() else "fp32"
 
 
 class Encoder:
@@ -770,28 +769,11 @@ class Encoder:
         """The same model at another precision or frame size (the seed's MPC: fp32, 224 px)."""
         precision = choose_precision(self.device, precision or self.precision, self.dim)
         model = self.model
-        if model is not None and (precision == "half") != (self.precision == "half"):  # weights change dtype:
-            model = copy.deepcopy(model).to(torch.float16 if precision == "half" else torch.float32)  # a copy,
-        return Encoder(self.id, self.dim, model, self.device, precision, self.config,  # so self keeps its weights
-                       frame_size or self.frame_size, self.forward)
-
-
-def choose_precision(device, precision="auto", hidden_size=1024):
-    """fp16 autocast on CUDA; bf16 autocast on CPUs with native bf16 (ViT-L measured here: 4.5 s -> 2.6 s a
-    window). `half` casts the weights themselves to fp16, as the seed did."""
-    if precision != "auto":
-        return precision
-    if device.startswith("cuda"):
-        return "fp16"
-    if hidden_size < 512:  # measured: bf16 makes the 64-d `tiny` slower (casts outweigh its small matmuls)
-        return "fp32"
-    return "bf16" if cpu_has_bf16() else "fp32"
-
-
-def cpu_has_bf16():
-    """Native bf16 matmuls (AVX512-BF16 or AMX); torch exposes the check only as a private helper."""
-    check = getattr(torch.cpu, "_is_avx512_bf16_supported", None)
-    return bool(check and check())
+        if model is not None and (precision == "half") != (self.precision == "half"):
+            # The weights change dtype: cast a copy, so that this encoder keeps its own.
+            model = copy.deepcopy(model).to(torch.float16 if precision == "half" else torch.float32)
+        return Encoder(self.id, self.dim, model, self.device, precision, self.config, frame_size or self.frame_size,
+                       self.forward)
 
 
 def hub_reachable(timeout=3.0):
@@ -826,20 +808,24 @@ def load_pretrained(name_or_path):
                     "or a local folder saved with save_pretrained")
 
 
+def random_vjepa2(config, seed):
+    """VJEPA2Model(config) with random weights fixed by `seed`; the caller's RNG is left untouched."""
+    from transformers import VJEPA2Model
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return VJEPA2Model(config)
+
+
 def load_encoder(name_or_path, device="cpu", precision="auto", seed=0, frame_size=FRAME_SIZE, forward="encoder"):
     """Load a frozen encoder: 'state', 'tiny', a V-JEPA 2 hub id or a local save_pretrained folder."""
     if name_or_path == "state":
         return Encoder("state", len(STATE_NAMES), device=device, frame_size=frame_size)
     if name_or_path == "tiny":
-        from transformers import VJEPA2Model
-        with torch.random.fork_rng(devices=[]):  # tiny is random weights; the seed fixes them, the caller's
-            torch.manual_seed(seed)              # RNG stays untouched
-            model = VJEPA2Model(tiny_config())
+        model = random_vjepa2(tiny_config(), seed)
     else:
         model = load_pretrained(name_or_path)
     model = model.to(device).eval().requires_grad_(False)
-    encoder = Encoder(name_or_path, model.config.hidden_size, model, device, "fp32", model.config, frame_size,
-                      forward)
+    encoder = Encoder(name_or_path, model.config.hidden_size, model, device, "fp32", model.config, frame_size, forward)
     return encoder.variant(precision)
 
 
@@ -847,10 +833,7 @@ def random_init_like(encoder, seed=1):
     """The same architecture with random weights: the seed's 'random baseline' for the probe."""
     if not encoder.pixels:
         return None
-    from transformers import VJEPA2Model
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = VJEPA2Model(encoder.config).to(encoder.device).eval().requires_grad_(False)
+    model = random_vjepa2(encoder.config, seed).to(encoder.device).eval().requires_grad_(False)
     return Encoder(f"random-init({encoder.id})", encoder.dim, model, encoder.device, "fp32", encoder.config,
                    encoder.frame_size).variant(encoder.precision)
 
@@ -924,9 +907,26 @@ def encoder_flops(config, frames=WINDOW, size=FRAME_SIZE):
     return 2 * (patch + L * per_layer)
 
 
-# ----------------------------------------------------------------------------------------------
-# Rolling out episodes: collection, evaluation, MPC and RL all step through this one loop
-# ----------------------------------------------------------------------------------------------
+def print_estimate(encoder, n_windows, batch_size):
+    """Estimate the encode time from results/bench.json when it measured this encoder, else time a batch."""
+    key = f"{encoder.id}@{encoder.device.split(':')[0]}/{encoder.precision}"  # cuda:1 measures as cuda
+    bench = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "bench.json")
+    rate, source = None, "results/bench.json"
+    if os.path.exists(bench) and encoder.frame_size == FRAME_SIZE:  # bench times 256 px windows
+        with contextlib.suppress(Exception):
+            rate = load_json(bench).get("encode_windows_per_s", {}).get(key)
+    if rate is None:
+        size = encoder.frame_size
+        window = np.zeros((min(2, batch_size), WINDOW, size, size, 3), np.uint8)
+        encode(encoder, window[:1])  # warm-up: the first call pays for allocation and kernel selection
+        t0 = time.perf_counter()
+        encode(encoder, window)
+        rate, source = len(window) / (time.perf_counter() - t0), "one timed batch"
+    print(f"estimate: {n_windows} windows with {key} at {rate:.2f} windows/s ({source}) "
+          f"= {n_windows / rate / 60:.1f} min of encoding")
+
+
+# ---- Rolling out episodes: collection, evaluation, MPC and RL all step through this one loop -----------------------
 class Progress:
     """tqdm on a terminal; otherwise one plain line per ~10% (as nanoGPT logs), never a wall of '\\r' bars."""
 
@@ -954,6 +954,93 @@ class Progress:
             self.bar.close()
 
 
+class Encodings:
+    """Batches of windows encoded on one worker thread while the caller steps other envs (torch releases the
+    GIL): put(key, windows (B, 8, ...)) starts one, get(key) waits for its (B, D). At most `backlog` batches
+    wait, so a policy that never reads z (an expert) runs at most that far ahead of the encoder. `state`
+    encodes inside put; wanted=False encodes nothing."""
+
+    def __init__(self, encoder, batch_size, wanted=True, backlog=4):
+        self.encoder, self.batch_size, self.wanted, self.backlog = encoder, batch_size, wanted, backlog
+        self.overlap = wanted and encoder.pixels
+        self.pool = concurrent.futures.ThreadPoolExecutor(1) if self.overlap else None
+        self.z, self.waiting = {}, collections.deque()
+
+    def put(self, key, windows):
+        if not self.wanted:
+            return
+        if self.pool is None:
+            self.z[key] = encode_batched(self.encoder, windows, self.batch_size)
+            return
+        self.z[key] = self.pool.submit(encode_batched, self.encoder, windows, self.batch_size)
+        self.waiting.append(key)
+        while len(self.waiting) > self.backlog:
+            self.get(self.waiting.popleft())
+
+    def get(self, key):
+        if isinstance(self.z[key], concurrent.futures.Future):
+            self.z[key] = self.z[key].result()
+        return self.z[key]
+
+    def clear(self):
+        self.z.clear(), self.waiting.clear()
+
+    def close(self):
+        if self.pool is not None:
+            self.pool.shutdown()
+
+
+class Rollouts:
+    """A lockstep batch of episodes so far: each one's window, states, frames (the first keep_frames
+    episodes), actions, rewards and the expert's next action. `key` names the observation that windows hold."""
+
+    def __init__(self, seeds, obs, key, T, keep_frames):
+        B, self.seeds, self.key = len(seeds), seeds, key
+        self.windows = [new_window(o) for o in obs[key]]
+        self.states = [[s] for s in obs["state"]]
+        frames = obs.get("frame")  # rendered only for pixel encoders and GIFs
+        self.frames = [[frames[i]] if frames is not None and i < keep_frames else None for i in range(B)]
+        self.expert = obs.get("expert")
+        self.actions, self.rewards = np.zeros((B, T, 2), np.float32), np.zeros((B, T), np.float32)
+
+    def view(self, g):
+        """What a policy sees of episodes g: their state, seed and (with an expert) the expert's action."""
+        return {"state": np.stack([self.states[i][-1] for i in g]), "seed": [self.seeds[i] for i in g],
+                "expert": None if self.expert is None else self.expert[g]}
+
+    def window_batch(self, g, form):
+        return np.stack([window_array(self.windows[i], form) for i in g])
+
+    def save(self, g, t, actions, rewards, obs):
+        self.actions[g, t], self.rewards[g, t] = actions, rewards
+        if self.expert is not None:
+            self.expert[g] = obs["expert"]
+        for j, i in enumerate(g):
+            self.windows[i].append(obs[self.key][j])
+            self.states[i].append(obs["state"][j])
+            if self.frames[i] is not None:
+                self.frames[i].append(obs["frame"][j])
+
+    def episode(self, i, z=None):
+        """Episode i as run_episodes returns it."""
+        ep = {"seed": self.seeds[i], "actions": self.actions[i], "rewards": self.rewards[i],
+              "states": np.stack(self.states[i]), "final_distance": float(finger_distance(self.states[i][-1]))}
+        if z is not None:
+            ep["z"] = z
+        if self.frames[i] is not None:
+            ep["frames"] = np.stack(self.frames[i])
+        return ep
+
+
+def epsilon_greedy(actions, rngs, epsilon):
+    """Each action replaced by a uniform random one with probability epsilon, drawn from its episode's rng."""
+    actions = np.asarray(actions, dtype=np.float64).copy()
+    for j, rng in enumerate(rngs):
+        if epsilon > 0 and rng.random() < epsilon:
+            actions[j] = rng.uniform(-1, 1, size=2)
+    return actions
+
+
 def run_episodes(seeds, policy, encoder, envs, steps, needs_z=True, keep_z=False, epsilon=0.0, noise_seed=0,
                  window_form="window", keep_frames=0, on_episode=None, desc=None, action_repeat=1, batch_size=32):
     """Roll out `policy` on episodes `seeds`, envs.n at a time in lockstep; windows of many episodes encode as
@@ -967,84 +1054,33 @@ def run_episodes(seeds, policy, encoder, envs, steps, needs_z=True, keep_z=False
     final_distance, and z (T+1, D) if keep_z, frames (T+1, H, W, 3) if among the first keep_frames; T is
     steps // action_repeat.
     """
-    encoder_pool = concurrent.futures.ThreadPoolExecutor(1) if encoder.pixels and (needs_z or keep_z) else None
-    bar, results = Progress(len(seeds) * steps, desc), []
+    encodings = Encodings(encoder, batch_size, wanted=needs_z or keep_z)
+    bar, results, T = Progress(len(seeds) * steps, desc), [], steps // action_repeat
+    on_episode = on_episode or results.append
     for start in range(0, len(seeds), envs.n):
         chunk = [int(s) for s in seeds[start:start + envs.n]]
-        for ep in run_chunk(chunk, policy, encoder, envs, steps // action_repeat, needs_z, keep_z, epsilon,
-                            noise_seed, window_form, keep_frames - start, encoder_pool, bar, action_repeat,
-                            batch_size):
-            (on_episode or results.append)(ep)
-    bar.close()
-    if encoder_pool is not None:
-        encoder_pool.shutdown()
-    return results
-
-
-def run_chunk(chunk, policy, encoder, envs, T, needs_z, keep_z, epsilon, noise_seed, window_form, keep_frames,
-              encoder_pool, bar, action_repeat, batch_size):
-    """One lockstep batch of episodes: encode -> act (epsilon-greedy) -> step -> save, for T steps.
-
-    The envs form two groups: while one group's windows encode on a worker thread (torch releases the
-    GIL), the other group acts, steps and renders. A policy that does not read z (an expert) never waits
-    for the encoder: its embeddings trail by up to two steps.
-    """
-    B, key = len(chunk), "frame" if encoder.pixels else "state"
-    obs = envs.reset(chunk)
-    windows = [new_window(o) for o in obs[key]]
-    states = [[s] for s in obs["state"]]
-    frames = [[f] if i < keep_frames else None for i, f in enumerate(obs["frame"])] if "frame" in obs else [None] * B
-    experts = obs.get("expert")
-    noise = [np.random.default_rng([noise_seed, s]) for s in chunk]
-    actions, rewards = np.zeros((B, T, 2), np.float32), np.zeros((B, T), np.float32)
-    groups = envs.groups(B) if encoder_pool else [np.arange(B)]
-    z = [[None] * len(groups) for _ in range(T + 1)]  # z[t][group]: an array, or a Future of one
-
-    def submit(t, gi):
-        if needs_z or keep_z:
-            batch = np.stack([window_array(windows[i], window_form) for i in groups[gi]])
-            z[t][gi] = (encoder_pool.submit(encode_batched, encoder, batch, batch_size) if encoder_pool
-                        else encode_batched(encoder, batch, batch_size))
-
-    def result(t, gi):
-        if isinstance(z[t][gi], concurrent.futures.Future):
-            z[t][gi] = z[t][gi].result()
-        return z[t][gi]
-
-    for gi in range(len(groups)):
-        submit(0, gi)
-    for t in range(T):
+        rollouts = Rollouts(chunk, envs.reset(chunk), "frame" if encoder.pixels else "state", T, keep_frames - start)
+        noise = [np.random.default_rng([noise_seed, s]) for s in chunk]
+        # Two groups of envs when encoding overlaps: one group's windows encode while the other one steps.
+        groups = envs.groups(len(chunk)) if encodings.overlap else [np.arange(len(chunk))]
         for gi, g in enumerate(groups):
-            if not needs_z and t >= 2:
-                result(t - 2, gi)  # bound the backlog of windows waiting for the encoder
-            view = {"state": np.stack([states[i][-1] for i in g]), "seed": [chunk[i] for i in g],
-                    "expert": None if experts is None else experts[g], "reward": rewards[g, t - 1] if t else None}
-            a = np.asarray(policy(result(t, gi) if needs_z else None, view), dtype=np.float64).copy()
+            encodings.put((0, gi), rollouts.window_batch(g, window_form))
+        for t in range(T):
+            for gi, g in enumerate(groups):
+                z = encodings.get((t, gi)) if needs_z else None
+                actions = epsilon_greedy(policy(z, rollouts.view(g)), [noise[i] for i in g], epsilon)
+                obs, rewards = envs.step(actions, g, action_repeat)
+                rollouts.save(g, t, actions, rewards, obs)
+                encodings.put((t + 1, gi), rollouts.window_batch(g, window_form))
+            bar.update(len(chunk) * action_repeat)
+        for gi, g in enumerate(groups):
             for j, i in enumerate(g):
-                if epsilon > 0 and noise[i].random() < epsilon:
-                    a[j] = noise[i].uniform(-1, 1, size=2)
-            obs, rewards[g, t] = envs.step(a, g, action_repeat)
-            actions[g, t] = a
-            if experts is not None:
-                experts[g] = obs["expert"]
-            for j, i in enumerate(g):
-                windows[i].append(obs[key][j])
-                states[i].append(obs["state"][j])
-                if frames[i] is not None:
-                    frames[i].append(obs["frame"][j])
-            submit(t + 1, gi)
-        bar.update(B * action_repeat)
-    episodes = []
-    for gi, g in enumerate(groups):
-        for j, i in enumerate(g):
-            ep = {"seed": chunk[i], "actions": actions[i], "rewards": rewards[i], "states": np.stack(states[i]),
-                  "final_distance": float(finger_distance(states[i][-1]))}
-            if keep_z:
-                ep["z"] = np.stack([result(t, gi)[j] for t in range(T + 1)])
-            if frames[i] is not None:
-                ep["frames"] = np.stack(frames[i])
-            episodes.append(ep)
-    return sorted(episodes, key=lambda ep: chunk.index(ep["seed"]))
+                z = np.stack([encodings.get((t, gi))[j] for t in range(T + 1)]) if keep_z else None
+                on_episode(rollouts.episode(i, z))
+        encodings.clear()
+    bar.close()
+    encodings.close()
+    return results
 
 
 def episode_metrics(episodes, steps):
@@ -1090,69 +1126,18 @@ def episode_seeds(kind, n, seed, same_as_seed_code=False):
     return [start + i for i in range(n)]
 
 
-# ----------------------------------------------------------------------------------------------
-# Data collection: shards of per-episode files, merged into one memory-mappable dataset
-# ----------------------------------------------------------------------------------------------
+# ---- Data collection: shards of per-episode files, merged into one memory-mappable dataset -------------------------
 def dataset_name(expert, epsilon):
     return f"{expert}_eps{epsilon:g}"
 
 
 def versions():
     import importlib.metadata as md
-    out = {"python": platform.python_version()}
+    found = {"python": platform.python_version()}
     for pkg in ("torch", "transformers", "mujoco", "dm_control", "numpy"):
         with contextlib.suppress(md.PackageNotFoundError):
-            out[pkg] = md.version(pkg)
-    return out
-
-
-def data_meta(encoder, expert, epsilon, steps, seeds, dtype, lean=True):
-    return {"encoder": {"id": encoder.id, "dim": encoder.dim, "precision": encoder.precision},
-            "render": render_mode(encoder, lean),
-            "expert": expert, "epsilon": epsilon, "steps": steps, "seeds": [int(s) for s in seeds],
-            "dtype": dtype, "state_names": STATE_NAMES, "versions": versions()}
-
-
-def save_episode(path, ep, dtype):
-    with atomic_path(path) as tmp, open(tmp, "wb") as f:
-        np.savez(f, z=ep["z"].astype(dtype), actions=ep["actions"], rewards=ep["rewards"],
-                 states=ep["states"], seed=ep["seed"])
-
-
-def load_episode(path):
-    try:
-        with np.load(path) as f:
-            return {k: f[k] for k in f.files}
-    except Exception as e:
-        raise UserError(f"{path} is truncated or corrupted ({type(e).__name__}); delete it and re-run collect")
-
-
-def collect_shard(shard_dir, encoder, expert, epsilon, steps, seeds, batch_size=32, lean=True,
-                  dtype="float32", rng_seed=0, workers=0):
-    """Roll out `expert` (epsilon-greedy) on `seeds` and save each episode as shard_dir/ep_SEED.npz.
-
-    Episodes already on disk are skipped, so a killed run resumes. meta.json is written last: a shard
-    without it is incomplete. Frames are never stored (100k frames at 256^2 would be ~20 GB).
-    """
-    os.makedirs(shard_dir, exist_ok=True)
-    meta = data_meta(encoder, expert, epsilon, steps, seeds, dtype, lean)
-    old = os.path.join(shard_dir, "meta.json")
-    if os.path.exists(old):
-        check_meta(load_json(old), encoder, shard_dir, steps=steps, lean=lean)
-    todo = [s for s in seeds if not os.path.exists(os.path.join(shard_dir, f"ep_{s}.npz"))]
-    if len(todo) < len(seeds):
-        print(f"resuming {shard_dir}: {len(seeds) - len(todo)} of {len(seeds)} episodes already saved")
-    if todo and encoder.pixels:
-        print_estimate(encoder, len(todo) * (steps + 1), batch_size)
-    if todo:
-        with make_envs(min(batch_size, len(todo)), workers, frame_size_of(encoder), lean, expert) as envs:
-            run_episodes(todo, expert_policy, encoder, envs, steps, needs_z=False, keep_z=True, epsilon=epsilon,
-                         noise_seed=rng_seed, batch_size=batch_size, desc=f"collect {os.path.basename(shard_dir)}",
-                         on_episode=lambda ep: save_episode(os.path.join(shard_dir, f"ep_{ep['seed']}.npz"), ep,
-                                                            dtype))
-            meta["gl_renderer"] = envs.gl_renderer()
-    save_json(old, meta)
-    return meta
+            found[pkg] = md.version(pkg)
+    return found
 
 
 def frame_size_of(encoder):
@@ -1180,15 +1165,64 @@ def check_meta(meta, encoder, where, steps=None, lean=None):
                         f"pass --steps {meta.get('steps')} or --force to re-collect")
 
 
-def merge(shard_dirs, out_dir):
-    """Stream shards into one dataset of .npy arrays (episodes, T+1, D) that training can memory-map.
+def data_meta(encoder, expert, epsilon, steps, seeds, dtype, lean=True):
+    return {"encoder": {"id": encoder.id, "dim": encoder.dim, "precision": encoder.precision},
+            "render": render_mode(encoder, lean),
+            "expert": expert, "epsilon": epsilon, "steps": steps, "seeds": [int(s) for s in seeds],
+            "dtype": dtype, "state_names": STATE_NAMES, "versions": versions()}
 
-    Checks that every shard is complete, none is missing and no seed appears twice; meta.json is
-    written last, so a dataset without it is never taken as complete.
+
+def episode_path(shard_dir, seed):
+    return os.path.join(shard_dir, f"ep_{seed}.npz")
+
+
+def save_episode(shard_dir, dtype, ep):
+    """run_episodes' on_episode for `collect`: one finished episode, without frames, as shard_dir/ep_SEED.npz."""
+    with atomic_path(episode_path(shard_dir, ep["seed"])) as tmp, open(tmp, "wb") as f:
+        np.savez(f, z=ep["z"].astype(dtype), actions=ep["actions"], rewards=ep["rewards"],
+                 states=ep["states"], seed=ep["seed"])
+
+
+def load_episode(path):
+    try:
+        with np.load(path) as f:
+            return {k: f[k] for k in f.files}
+    except Exception as e:
+        raise UserError(f"{path} is truncated or corrupted ({type(e).__name__}); delete it and re-run collect")
+
+
+def collect_shard(shard_dir, encoder, expert, epsilon, steps, seeds, batch_size=32, lean=True,
+                  dtype="float32", rng_seed=0, workers=0):
+    """Roll out `expert` (epsilon-greedy) on `seeds` and save each episode as shard_dir/ep_SEED.npz.
+
+    Episodes already on disk are skipped, so a killed run resumes. meta.json is written last: a shard
+    without it is incomplete. Frames are never stored (100k frames at 256^2 would be ~20 GB).
     """
+    os.makedirs(shard_dir, exist_ok=True)
+    meta = data_meta(encoder, expert, epsilon, steps, seeds, dtype, lean)
+    meta_path = os.path.join(shard_dir, "meta.json")
+    if os.path.exists(meta_path):
+        check_meta(load_json(meta_path), encoder, shard_dir, steps=steps, lean=lean)
+    todo = [s for s in seeds if not os.path.exists(episode_path(shard_dir, s))]
+    if len(todo) < len(seeds):
+        print(f"resuming {shard_dir}: {len(seeds) - len(todo)} of {len(seeds)} episodes already saved")
+    if todo and encoder.pixels:
+        print_estimate(encoder, len(todo) * (steps + 1), batch_size)
+    if todo:
+        with make_envs(min(batch_size, len(todo)), workers, frame_size_of(encoder), lean, expert) as envs:
+            run_episodes(todo, expert_policy, encoder, envs, steps, needs_z=False, keep_z=True, epsilon=epsilon,
+                         noise_seed=rng_seed, batch_size=batch_size, desc=f"collect {os.path.basename(shard_dir)}",
+                         on_episode=partial(save_episode, shard_dir, dtype))
+            meta["gl_renderer"] = envs.gl_renderer()
+    save_json(meta_path, meta)
+    return meta
+
+
+def check_shards(shard_dirs, out_dir):
+    """Every shard complete, none missing, all alike, no seed twice; returns their metadata and count."""
     if not shard_dirs:
         raise UserError(f"no shards to merge for {out_dir}: run `collect` first")
-    shard_dirs, metas = sorted(shard_dirs), []
+    metas = []
     for d in shard_dirs:
         if not os.path.exists(os.path.join(d, "meta.json")):
             raise UserError(f"shard {d} is incomplete (no meta.json): re-run its `collect --shard` to finish it")
@@ -1208,6 +1242,17 @@ def merge(shard_dirs, out_dir):
     dup = sorted(s for s, count in collections.Counter(seeds).items() if count > 1)
     if dup:
         raise UserError(f"seeds overlap between shards (e.g. {dup[:3]}); shards need disjoint seeds")
+    return metas, total
+
+
+def merge(shard_dirs, out_dir):
+    """Stream shards into one dataset of .npy arrays (episodes, T+1, D) that training can memory-map.
+
+    The shards are checked first; meta.json is written last, so a dataset without it is never taken as complete.
+    """
+    shard_dirs = sorted(shard_dirs)
+    metas, total = check_shards(shard_dirs, out_dir)
+    seeds = [s for m in metas for s in m["seeds"]]
     m0, n, T = metas[0], len(seeds), metas[0]["steps"]
     os.makedirs(out_dir, exist_ok=True)
     if os.path.exists(os.path.join(out_dir, "meta.json")):
@@ -1220,12 +1265,13 @@ def merge(shard_dirs, out_dir):
     shard_of = {s: d for d, m in zip(shard_dirs, metas) for s in m["seeds"]}
     bar = Progress(len(order), f"merge {os.path.basename(out_dir)}")
     for i, s in enumerate(order):
-        d, _ = shard_of[s], bar.update()
-        ep = load_episode(os.path.join(d, f"ep_{s}.npz"))
+        path = episode_path(shard_of[s], s)
+        ep = load_episode(path)
         for k in arrays:
             if ep[k].shape != arrays[k].shape[1:]:
-                raise UserError(f"{d}/ep_{s}.npz has {k} of shape {ep[k].shape}, expected {arrays[k].shape[1:]}")
+                raise UserError(f"{path} has {k} of shape {ep[k].shape}, expected {arrays[k].shape[1:]}")
             arrays[k][i] = ep[k]
+        bar.update()
     bar.close()
     for a in arrays.values():
         a.flush()
@@ -1252,9 +1298,7 @@ def load_dataset(data_dir, encoder=None, made_by="collect"):
     return data
 
 
-# ----------------------------------------------------------------------------------------------
-# Training loop shared by BC and dynamics
-# ----------------------------------------------------------------------------------------------
+# ---- Training loop shared by BC and dynamics -----------------------------------------------------------------------
 def split_episodes(n_episodes, val_frac=0.1, seed=0, contiguous=False):
     """Validation episodes: a seeded random val_frac of them, or the last val_frac (the seed's dynamics).
 
@@ -1300,18 +1344,24 @@ def cpu_threads(n):
         torch.set_num_threads(old)
 
 
+def copy_state(model):
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+@torch.no_grad()
+def evaluate_loss(model, batch_loss, n, split="val", chunk=4096):
+    """Mean of batch_loss over all n samples of a split, in eval mode."""
+    model.eval()
+    total = sum(batch_loss(idx.numpy(), split).item() * len(idx) for idx in torch.arange(n).split(chunk))
+    return total / n
+
+
+def n_params(model):
+    return sum(p.numel() for p in model.parameters())
+
+
 def fit(model, batch_loss, n_train, n_val, epochs, lr=1e-3, batch_size=256, weight_decay=1e-4, optimizer="adamw",
         grad_clip=0.0, schedule_step="batch", keep="best", seed=0, desc="train"):
-    """See fit_loop. Small models train on one CPU thread: measured here, BC on 8k samples took 1.4 s an
-    epoch on one thread and 11 s on two while another process was busy (threads spin-waiting on 2 cores)."""
-    small = next(model.parameters()).device.type == "cpu" and n_params(model) * batch_size < 1e9
-    with cpu_threads(1 if small else None):
-        return fit_loop(model, batch_loss, n_train, n_val, epochs, lr, batch_size, weight_decay, optimizer,
-                        grad_clip, schedule_step, keep, seed, desc)
-
-
-def fit_loop(model, batch_loss, n_train, n_val, epochs, lr, batch_size, weight_decay, optimizer, grad_clip,
-             schedule_step, keep, seed, desc):
     """Adam(W) with cosine decay (stepped per batch or per epoch); keep the best-validation or final weights.
 
     batch_loss(idx, split) -> mean loss over samples idx of 'train' or 'val'. grad_clip > 0 clips the
@@ -1320,9 +1370,8 @@ def fit_loop(model, batch_loss, n_train, n_val, epochs, lr, batch_size, weight_d
     """
     opt_class = torch.optim.AdamW if optimizer == "adamw" else torch.optim.Adam
     opt = opt_class(model.parameters(), lr=lr, weight_decay=weight_decay)
-    steps_per_epoch = max(1, math.ceil(n_train / batch_size))
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs * (steps_per_epoch if
-                                                                            schedule_step == "batch" else 1))
+    decay_steps = epochs * (max(1, math.ceil(n_train / batch_size)) if schedule_step == "batch" else 1)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=decay_steps)
     g = torch.Generator().manual_seed(seed)
     best = {"val": float("inf"), "state": copy_state(model), "epoch": -1}
     history = {"train": [], "val": []}
@@ -1357,25 +1406,14 @@ def fit_loop(model, batch_loss, n_train, n_val, epochs, lr, batch_size, weight_d
     return {"history": history, "kept_val": best["val"], "kept_epoch": best["epoch"]}
 
 
-def copy_state(model):
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+def small_model_threads(model, batch_size):
+    """Small models train on one CPU thread: measured here, BC on 8k samples took 1.4 s an epoch on one
+    thread and 11 s on two while another process was busy (threads spin-waiting on 2 cores)."""
+    on_cpu = next(model.parameters()).device.type == "cpu"
+    return 1 if on_cpu and n_params(model) * batch_size < 1e9 else None
 
 
-@torch.no_grad()
-def evaluate_loss(model, batch_loss, n, split="val", chunk=4096):
-    """Mean of batch_loss over all n samples of a split, in eval mode."""
-    model.eval()
-    total = sum(batch_loss(idx.numpy(), split).item() * len(idx) for idx in torch.arange(n).split(chunk))
-    return total / n
-
-
-def n_params(model):
-    return sum(p.numel() for p in model.parameters())
-
-
-# ----------------------------------------------------------------------------------------------
-# Behaviour cloning (Phase 1)
-# ----------------------------------------------------------------------------------------------
+# ---- Behaviour cloning (Phase 1) -----------------------------------------------------------------------------------
 def bc_net(dim):
     """The seed's BC MLP: 279,490 parameters at D=1024."""
     return nn.Sequential(nn.Linear(dim, 256), nn.LayerNorm(256), nn.ReLU(),
@@ -1411,8 +1449,9 @@ def train_bc(data, epochs=100, lr=1e-3, batch_size=256, seed=0, optimizer="adamw
         x, y = cache[split_name]
         return F.mse_loss(model(x[idx]), y[idx])
 
-    fitted = fit(model, batch_loss, len(rows["train"]), len(rows["val"]), epochs, lr, batch_size, weight_decay,
-                 optimizer, 0.0, schedule_step, keep, seed, desc="bc")
+    with cpu_threads(small_model_threads(model, batch_size)):
+        fitted = fit(model, batch_loss, len(rows["train"]), len(rows["val"]), epochs, lr, batch_size, weight_decay,
+                     optimizer, 0.0, schedule_step, keep, seed, desc="bc")
     info = {"params": n_params(model), "train_mse": evaluate_loss(model, batch_loss, len(rows["train"]), "train"),
             "val_mse": fitted["kept_val"], "kept_epoch": fitted["kept_epoch"], "epochs": epochs,
             "history": fitted["history"], "split": split, "train_samples": len(rows["train"]),
@@ -1427,11 +1466,10 @@ def bc_policy(model, mean, std):
     return act
 
 
-# ----------------------------------------------------------------------------------------------
-# Reinforcement learning: soft actor-critic on frozen embeddings (CleanRL's sac_continuous_action.py in
-# spirit: twin Q + Polyak targets, tanh-Gaussian actor, automatic entropy tuning, random warm-up).
+# ---- Reinforcement learning: soft actor-critic on frozen embeddings ------------------------------------------------
+# CleanRL's sac_continuous_action.py in spirit: twin Q + Polyak targets, tanh-Gaussian actor, automatic entropy
+# tuning, random warm-up.
 # The encoder stays frozen; SAC sees standardised z and stores z, never frames, in its replay buffer.
-# ----------------------------------------------------------------------------------------------
 LOG_STD_MIN, LOG_STD_MAX = -5.0, 2.0  # CleanRL (from SpinUp / Yarats): std in [0.007, 7.4] before the tanh
 
 
@@ -1517,9 +1555,9 @@ class ReplayBuffer:
         """n uniformly drawn transitions: dict of tensors z (n, D), a (n, A), r (n,), z_next (n, D), done (n,)."""
         return self.rows(rng.integers(0, self.size, n))
 
-    def sample_mixed(self, n, demo_buffer, rng):
+    def sample_mixed(self, n, demos, rng):
         """Half of the batch from this buffer, half from the demos (RLPD's symmetric sampling)."""
-        own, demo = self.sample(n - n // 2, rng), demo_buffer.sample(n // 2, rng)
+        own, demo = self.sample(n - n // 2, rng), demos.sample(n // 2, rng)
         return {k: torch.cat([own[k], demo[k]]) for k in own}
 
 
@@ -1605,25 +1643,21 @@ class SACAgent:
         self.generator = torch.Generator(device).manual_seed(seed)
         self.env_steps, self.updates, self.owed, self.info, self.returns = 0, 0, 0.0, {}, []
 
-    def standardise(self, z):
+    def standardize(self, z):
         return (torch.as_tensor(z, dtype=torch.float32, device=self.device) - self.mean) / self.std
 
     @torch.no_grad()
-    def act(self, z, deterministic=False):
-        """Actions (B, 2) in [-1, 1] for raw embeddings z (B, D): tanh(mean), or a sample of pi."""
-        x = self.standardise(z)
-        a = torch.tanh(self.nets["actor"](x)[0]) if deterministic else self.nets["actor"].sample(x, self.generator)[0]
-        return a.cpu().numpy()
-
     def greedy(self, z, obs):
-        return self.act(z, deterministic=True)
+        """The deterministic policy tanh(mean), actions (B, 2) for raw embeddings z (B, D): for evaluation."""
+        return torch.tanh(self.nets["actor"](self.standardize(z))[0]).cpu().numpy()
 
     def __call__(self, z, obs):
         B = len(z)
         if self.env_steps < self.learning_starts:
             a = self.rng.uniform(-1, 1, size=(B, 2)).astype(np.float32)
         else:
-            a = self.act(z)
+            with torch.no_grad():
+                a = self.nets["actor"].sample(self.standardize(z), self.generator)[0].cpu().numpy()
         self.env_steps += B * self.action_repeat
         if len(self.buffer) >= self.batch_size and self.env_steps > self.learning_starts:
             self.owed += B * self.updates_per_step
@@ -1644,9 +1678,8 @@ class SACAgent:
         else:
             batch = self.buffer.sample(self.batch_size, self.rng)
         batch = {k: v.to(self.device) for k, v in batch.items()}
-        batch["z"], batch["z_next"] = self.standardise(batch["z"]), self.standardise(batch["z_next"])
-        self.info = sac_update(self.nets, self.optims, batch, self.gamma, self.tau, self.target_entropy,
-                               self.generator)
+        batch["z"], batch["z_next"] = self.standardize(batch["z"]), self.standardize(batch["z_next"])
+        self.info = sac_update(self.nets, self.optims, batch, self.gamma, self.tau, self.target_entropy, self.generator)
         self.updates += 1
 
 
@@ -1668,8 +1701,7 @@ def demo_buffer(episodes, dim, action_repeat=1):
 
 def evaluate_sac(agent, encoder, envs, seeds, steps, action_repeat=2, batch_size=32):
     """episode_metrics of the deterministic policy on episodes `seeds` (no learning)."""
-    eps = run_episodes(seeds, agent.greedy, encoder, envs, steps, action_repeat=action_repeat,
-                       batch_size=batch_size)
+    eps = run_episodes(seeds, agent.greedy, encoder, envs, steps, action_repeat=action_repeat, batch_size=batch_size)
     return episode_metrics(eps, steps)
 
 
@@ -1707,9 +1739,7 @@ def train_sac(encoder, envs, seeds_fn, steps_per_episode, total_steps, mean, std
     return agent, curve
 
 
-# ----------------------------------------------------------------------------------------------
-# Dynamics (Phases 3, 4c, 4d): residual models f(z, a) = z + delta(z, a)
-# ----------------------------------------------------------------------------------------------
+# ---- Dynamics (Phases 3, 4c, 4d): residual models f(z, a) = z + delta(z, a) ----------------------------------------
 class MLPDynamics(nn.Module):
     """Seed Phase 3: Linear(D+2->512) LN ReLU, 2x [Linear(512->512) LN ReLU], Linear(512->D)."""
 
@@ -1789,9 +1819,10 @@ def train_dynamics(name, data, epochs, lr=1e-3, batch_size=256, seed=0, rollout=
     weights = rollout_weights(k, rollout_loss)
     model = dynamics_net(name, z.shape[-1], resblock_relu).to(device)
     start_rng = np.random.default_rng([seed, 4])
+    one_start = sampling == "one-start"  # the seed's batches: 64 training episodes sharing one random start
 
     def batch_loss(idx, split_name):
-        if split_name == "train" and sampling == "one-start":
+        if split_name == "train" and one_start:
             e = train_eps[idx]
             t = np.full(len(e), start_rng.integers(0, T - k + 1))
         else:
@@ -1806,10 +1837,10 @@ def train_dynamics(name, data, epochs, lr=1e-3, batch_size=256, seed=0, rollout=
             loss = loss + weights[j] * F.smooth_l1_loss(pred, zs[:, j + 1])
         return loss
 
-    one_start = sampling == "one-start"
-    fitted = fit(model, batch_loss, len(train_eps) if one_start else len(starts["train"]), len(starts["val"]), epochs,
-                 lr, 64 if one_start else batch_size, 1e-4, "adamw", grad_clip, schedule_step, "best", seed,
-                 desc=f"dynamics {name}")
+    n_train, batch_size = (len(train_eps), 64) if one_start else (len(starts["train"]), batch_size)
+    with cpu_threads(small_model_threads(model, batch_size)):
+        fitted = fit(model, batch_loss, n_train, len(starts["val"]), epochs, lr, batch_size, 1e-4, "adamw", grad_clip,
+                     schedule_step, "best", seed, desc=f"dynamics {name}")
     return model.cpu(), {"params": n_params(model), "val_loss": fitted["kept_val"], "kept_epoch": fitted["kept_epoch"],
                          "history": fitted["history"], "rollout": k, "rollout_weights": weights, "epochs": epochs,
                          "val_episodes": val_eps.tolist()}, (mean, std)
@@ -1841,9 +1872,7 @@ def kstep_error(model, z, actions, episodes, mean, std, k_max=10, device="cpu"):
     return (errs / count).tolist(), (copy / count).tolist()
 
 
-# ----------------------------------------------------------------------------------------------
-# Planners: CEM and random shooting (CEM with one iteration), batched over episodes
-# ----------------------------------------------------------------------------------------------
+# ---- Planners: CEM and random shooting (CEM with one iteration), batched over episodes -----------------------------
 def cem(cost_fn, batch, horizon, action_dim=2, samples=500, elites=50, iterations=5, mean=None, std=None,
         init_std=1.0, min_std=0.05, uniform_first=False, generator=None, device="cpu"):
     """Cross-entropy method over action sequences, for `batch` independent problems at once.
@@ -1952,9 +1981,16 @@ class MPC:
         return mean, torch.cat([std[:, 1:], torch.full_like(std[:, -1:], self.plan["init_std"])], 1)
 
 
-# ----------------------------------------------------------------------------------------------
-# Evaluation helpers: goals for planning, and rollouts kept as GIFs
-# ----------------------------------------------------------------------------------------------
+# ---- Evaluation helpers: goals for planning, and rollouts kept as GIFs ---------------------------------------------
+def goals_at(eps, steps):
+    """Goal embeddings z_goal (B, D) at step steps[i] of episode i, and per-episode info: the step, the goal's
+    finger-target distance and its frame (None when no frames were kept)."""
+    z_goal = np.stack([ep["z"][t] for ep, t in zip(eps, steps)]).astype(np.float32)
+    info = [{"step": t, "distance": float(finger_distance(ep["states"][t])),
+             "frame": ep["frames"][t] if "frames" in ep else None} for ep, t in zip(eps, steps)]
+    return z_goal, info
+
+
 def expert_goals(seeds, expert, encoder, envs, horizon, form="window", batch_size=32):
     """The seed's expert-generated goal: run the expert from the same start and target for `horizon`
     steps and encode what it sees at its closest approach to the target (after its first step): the
@@ -1962,13 +1998,8 @@ def expert_goals(seeds, expert, encoder, envs, horizon, form="window", batch_siz
     Returns z_goal (B, D) and per-episode info (step, distance, frame)."""
     eps = run_episodes(seeds, expert_policy, encoder, envs, horizon, needs_z=False, keep_z=True, window_form=form,
                        keep_frames=1, batch_size=batch_size, desc="goals")  # the goal frame goes in the GIF
-    z_goal, info = [], []
-    for ep in eps:
-        d = finger_distance(ep["states"])
-        t = 1 + int(d[1:].argmin())
-        z_goal.append(ep["z"][t])
-        info.append({"step": t, "distance": float(d[t]), "frame": ep["frames"][t] if "frames" in ep else None})
-    return np.stack(z_goal).astype(np.float32), info
+    steps = [1 + int(finger_distance(ep["states"])[1:].argmin()) for ep in eps]
+    return goals_at(eps, steps)
 
 
 def random_run_goals(seeds, encoder, envs, form="frame", steps=500, batch_size=32):
@@ -1978,26 +2009,21 @@ def random_run_goals(seeds, encoder, envs, form="frame", steps=500, batch_size=3
     goal_seeds = episode_seeds("goal", len(seeds), 0)
     eps = run_episodes(goal_seeds, random_policy(np.random.default_rng(0)), encoder, envs, steps, needs_z=False,
                        keep_z=True, window_form=form, keep_frames=1, batch_size=batch_size, desc="random goals")
-    z_goal, info = [], []
-    for ep in eps:
-        hits = np.flatnonzero(ep["rewards"] > 0.9)
-        t = int(hits[0]) + 1 if len(hits) else steps  # z[t] follows the t-th action
-        z_goal.append(ep["z"][t])
-        info.append({"step": t, "distance": float(finger_distance(ep["states"][t])), "found": bool(len(hits)),
-                     "frame": ep["frames"][t] if "frames" in ep else None})
-    return np.stack(z_goal).astype(np.float32), info
+    hits = [np.flatnonzero(ep["rewards"] > 0.9) for ep in eps]
+    z_goal, info = goals_at(eps, [int(h[0]) + 1 if len(h) else steps for h in hits])  # z[t] follows action t
+    for i, h in zip(info, hits):
+        i["found"] = bool(len(h))
+    return z_goal, info
 
 
 def gif_episode(seed, policy, encoder, steps, frame_size, lean, expert=None, window_form="window", batch_size=32):
     """One episode with its frames, for a GIF: the `state` encoder renders only here."""
-    envs = Envs(1, frame_size, lean, expert)
-    return run_episodes([seed], policy, encoder, envs, steps, needs_z=policy is not expert_policy,
-                        window_form=window_form, keep_frames=1, batch_size=batch_size)[0]
+    with Envs(1, frame_size, lean, expert) as envs:
+        return run_episodes([seed], policy, encoder, envs, steps, needs_z=policy is not expert_policy,
+                            window_form=window_form, keep_frames=1, batch_size=batch_size)[0]
 
 
-# ----------------------------------------------------------------------------------------------
-# Probe and embedding statistics
-# ----------------------------------------------------------------------------------------------
+# ---- Probe and embedding statistics --------------------------------------------------------------------------------
 def probe_targets(states):
     """Probe targets from states (N, S), per episode rows in order: finger xy, target xy, joint sin/cos,
     and finger velocity direction (cos, sin of the angle of finger_t - finger_{t-1})."""
@@ -2043,23 +2069,23 @@ def ridge_probe(X, Y, episode, folds=4, lams=(1e-2, 1e-1, 1, 10, 100, 1e3, 1e4))
     return float(best)
 
 
-def probe_embeddings(z, states, min_speed=1e-3):
-    """Ridge probe R^2 of z (E*(T+1), D) for every target; velocity direction only where the finger moves
-    more than min_speed metres per step."""
-    targets, speed = probe_targets_by_episode(states)
-    episode = np.repeat(np.arange(states.shape[0]), states.shape[1])
-    out = {}
-    for name, Y in targets.items():
-        keep = speed > min_speed if name == "velocity_direction" else np.ones(len(Y), bool)
-        out[name] = ridge_probe(z[keep], Y[keep], episode[keep]) if keep.sum() > 4 else float("nan")
-    return out
-
-
 def probe_targets_by_episode(states):
     """states (E, T+1, S) -> targets flattened to rows, velocities computed within each episode."""
     parts = [probe_targets(s) for s in states]
     targets = {k: np.concatenate([p[0][k] for p in parts]) for k in parts[0][0]}
     return targets, np.concatenate([p[1] for p in parts])
+
+
+def probe_embeddings(z, states, min_speed=1e-3):
+    """Ridge probe R^2 of z (E*(T+1), D) for every target; velocity direction only where the finger moves
+    more than min_speed metres per step."""
+    targets, speed = probe_targets_by_episode(states)
+    episode = np.repeat(np.arange(states.shape[0]), states.shape[1])
+    scores = {}
+    for name, Y in targets.items():
+        keep = speed > min_speed if name == "velocity_direction" else np.ones(len(Y), bool)
+        scores[name] = ridge_probe(z[keep], Y[keep], episode[keep]) if keep.sum() > 4 else float("nan")
+    return scores
 
 
 def embedding_stats(z, standardize=False, pairs=2000, seed=0):
@@ -2082,10 +2108,9 @@ def embedding_stats(z, standardize=False, pairs=2000, seed=0):
             "top10_pc_variance": float(p[:10].sum())}
 
 
-# ----------------------------------------------------------------------------------------------
-# Report: results.json, report.md, plots and GIFs, rebuilt from the run folder alone. Each table is one
+# ---- Report --------------------------------------------------------------------------------------------------------
+# results.json, report.md, plots and GIFs, rebuilt from the run folder alone. Each table is one
 # function, printed by its stage and joined by write_report.
-# ----------------------------------------------------------------------------------------------
 def fmt_rate(m, key="success"):
     lo, hi = m[f"{key}_ci"]
     return f"{m[key] * 100:.0f}% [{lo * 100:.0f}, {hi * 100:.0f}]"
@@ -2101,14 +2126,12 @@ def seed_figure(name):
     return f"{s['success'] * 100:.0f}% / {s['reward']}" if s else ""
 
 
-def phase1_table(results):
-    """Experts, BC, RL and random on the same evaluation episodes, beside the seed's figures."""
-    steps, rows = results.get("steps", results["config"]["steps"]), []
+def phase1_table(results, steps):
+    """Experts, BC, RL and random on the same `steps`-step evaluation episodes, beside the seed's figures."""
     conditions = [(f"expert `{k}`", k, v) for k, v in results.get("experts", {}).items()]
     conditions += [(k, k, v) for k, v in results.get("eval", {}).items()]
-    for label, key, v in conditions:
-        rows.append([label, fmt_rate(v), fmt_rate(v, "seed_success"), f"{v['return']:.1f}",
-                     f"{v['final_distance']:.3f}", v["n"], seed_figure(key)])
+    rows = [[label, fmt_rate(v), fmt_rate(v, "seed_success"), f"{v['return']:.1f}", f"{v['final_distance']:.3f}",
+             v["n"], seed_figure(key)] for label, key, v in conditions]
     return (f"Phase 1: live evaluation, {steps}-step episodes (encoder `{results['encoder']['id']}`)\n\n" +
             md_table(["condition", "success [95% CI]", "seed_success", f"mean return ({steps} steps)",
                       "final dist (m)", "n", "seed's figure (success / return, 200 steps)"], rows))
@@ -2120,6 +2143,10 @@ def bc_line(results):
             f"{b['train_mse']:.5f}, val MSE {b['val_mse']:.5f} ({b['split']} split; seed: 279,490, 0.0001 / 0.0002).")
 
 
+def every_third(errors):
+    return " ".join(f"{x:.3f}" for x in errors[:10:3])
+
+
 def dynamics_table(results):
     rows = [[k, f"{d['params']:,}", d["epochs"], f"{d['val_loss']:.5f}" + (" (k-step)" if d["rollout"] > 1 else ""),
              every_third(d["kstep_error"]), every_third(d["kstep_copy"])]
@@ -2128,12 +2155,8 @@ def dynamics_table(results):
                      "copy-z_t baseline"], rows)
 
 
-def every_third(errors):
-    return " ".join(f"{x:.3f}" for x in errors[:10:3])
-
-
-def plan_table(results):
-    steps, rows = results.get("steps", results["config"]["plan_steps"]), []
+def plan_table(results, steps):
+    rows = []
     for k, p in results["plan"].items():
         s = SEED_PHASE4.get(k, {})
         seed = (f"{s['min_dist']} / {s['improvement'] * 100:.1f}% / {s['reward']}" if "min_dist" in s else
@@ -2152,6 +2175,20 @@ def probe_table(results):
     cols = [c for c in results["probe"] if results["probe"][c]]
     names = list(results["probe"][cols[0]])
     return md_table(["target"] + cols, [[n] + [f"{results['probe'][c][n]:.2f}" for c in cols] for n in names])
+
+
+def rl_section(results):
+    """The RL table: budget, cost and final success of each variant (its row is also in the Phase 1 table)."""
+    rl, rows = results["rl"], []
+    for name, info in rl["runs"].items():
+        m = rl["eval"][name]
+        rows.append([name, f"{info['env_steps']:,}", f"{info['updates']:,}", f"{info['seconds']:.0f}", fmt_rate(m),
+                     f"{m['return']:.1f}", m["n"]])
+    return (f"### SAC on frozen embeddings (encoder `{results['encoder']['id']}`, standardised with "
+            f"{rl['standardisation']})\n\n" +
+            md_table(["variant", "env steps", "updates", "wall s", "final success [95% CI]", "return", "n"], rows) +
+            "\n\nLearning curve: `rl_curve.csv` (step, return, success, seed, variant) and "
+            "![SAC learning curve](rl_curve.png)")
 
 
 def gif(path, frames, captions, goal=None):
@@ -2181,27 +2218,6 @@ def save_rollout_gif(path, ep, title, goal=None):
     gif(path, ep["frames"], [f"{title}  step {t}  dist {d[t]:.3f} m" for t in range(len(ep["frames"]))], goal)
 
 
-def make_plots(out, results):
-    """Write the PNG plots for whatever stages have run; returns their file names."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    enc, made = results["encoder"]["id"], []
-
-    def save(fig, name):
-        with atomic_path(os.path.join(out, name)) as tmp:
-            fig.savefig(tmp, format="png", dpi=90, bbox_inches="tight")
-        plt.close(fig)
-        made.append(name)
-
-    for name, plot in (("bc_loss.png", plot_bc), ("success.png", plot_success), ("dynamics.png", plot_dynamics),
-                       ("plan_distance.png", plot_plan), ("probe.png", plot_probe), ("rl_curve.png", plot_rl)):
-        fig = plot(plt, results, enc)
-        if fig is not None:
-            save(fig, name)
-    return made
-
-
 def plot_bc(plt, results, enc):
     if "bc" not in results:
         return None
@@ -2214,10 +2230,16 @@ def plot_bc(plt, results, enc):
     return fig
 
 
+def evaluated(results):
+    """Every condition a run evaluated live, by name: experts, BC, RL, random and the MPC planners."""
+    named = {f"expert {k}": v for k, v in results.get("experts", {}).items()}
+    named.update(results.get("eval", {}))
+    named.update({f"MPC {k}": v for k, v in results.get("plan", {}).items()})
+    return named
+
+
 def plot_success(plt, results, enc):
-    conditions = {f"expert {k}": v for k, v in results.get("experts", {}).items()}
-    conditions.update(results.get("eval", {}))
-    conditions.update({f"MPC {k}": v for k, v in results.get("plan", {}).items()})
+    conditions = evaluated(results)
     if not conditions:
         return None
     fig, ax = plt.subplots(figsize=(max(5, 1.1 * len(conditions)), 3.2))
@@ -2286,14 +2308,31 @@ def plot_rl(plt, results, enc):
     if "rl" not in results or not results["rl"].get("runs"):
         return None
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.2))
-    for label, run in results["rl"]["runs"].items():
-        curve = run["curve"]
+    for label, trained in results["rl"]["runs"].items():
+        curve = trained["curve"]
         axes[0].plot([c["step"] for c in curve], [c["return"] for c in curve], marker="o", label=label)
         axes[1].plot([c["step"] for c in curve], [100 * c["success"] for c in curve], marker="o", label=label)
     axes[0].set(xlabel="environment steps", ylabel="return", title=f"SAC learning curve ({enc})")
     axes[1].set(xlabel="environment steps", ylabel="final-step success %", ylim=(0, 105), title=f"SAC success ({enc})")
     axes[0].legend(), axes[1].legend()
     return fig
+
+
+def make_plots(out, results):
+    """Write the PNG plots for whatever stages have run; returns their file names."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    enc, made = results["encoder"]["id"], []
+    for name, plot in (("bc_loss.png", plot_bc), ("success.png", plot_success), ("dynamics.png", plot_dynamics),
+                       ("plan_distance.png", plot_plan), ("probe.png", plot_probe), ("rl_curve.png", plot_rl)):
+        fig = plot(plt, results, enc)
+        if fig is not None:
+            with atomic_path(os.path.join(out, name)) as tmp:
+                fig.savefig(tmp, format="png", dpi=90, bbox_inches="tight")
+            plt.close(fig)
+            made.append(name)
+    return made
 
 
 def collect_results(out):
@@ -2307,8 +2346,8 @@ def collect_results(out):
         path = os.path.join(out, name)
         if os.path.exists(path):
             part = load_json(path)
-            if key is None and "steps" in part:  # each table's own episode length
-                part = dict(part, **{f"{name[:-5]}_steps": part.pop("steps")})
+            if key is None and "steps" in part:  # each table's own episode length: eval_steps, plan_steps
+                part[f"{name[:-5]}_steps"] = part.pop("steps")
             results.update({key: part} if key else part)
     if "rl" in results and "eval" in results:  # SAC's final policies join the Phase 1 table
         results["eval"].update(results["rl"]["eval"])
@@ -2357,8 +2396,7 @@ def write_report(out):
         parts += ["The seed's inconsistencies, reproduced on purpose by `--recipe seed`:", ""]
         parts += [f"- {n}" for n in notes] + [""]
     if "eval" in results:
-        results["steps"] = results.get("eval_steps", cfg["steps"])
-        parts += ["## " + phase1_table(results), "",
+        parts += ["## " + phase1_table(results, results.get("eval_steps", cfg["steps"])), "",
                   "success: reward 1 at the last step. seed_success: return > 150 per 200 steps (the seed's own "
                   "definition, scaled to the episode length). The seed's expert was the `p` controller; its random "
                   "figure was '~2% / ~0'.", ""]
@@ -2374,8 +2412,7 @@ def write_report(out):
                   "baseline predicts motion; one at it has learned nothing. Seed: mlp ~1.2M params, val ~0.01; "
                   "resblock 10.5M, val 0.0137.", "", f"![dynamics, encoder {enc}](dynamics.png)", ""]
     if results.get("plan"):
-        results["steps"] = results.get("plan_steps", cfg["plan_steps"])
-        parts += ["## " + plan_table(results), "",
+        parts += ["## " + plan_table(results, results.get("plan_steps", cfg["plan_steps"])), "",
                   "Latent distances are L2 in the dynamics model's space (standardised unless raw latents were "
                   "used; the seed's were raw ViT-L L2, so only the improvement % compares). improvement = "
                   "(initial - final) / initial.", "",
@@ -2394,43 +2431,14 @@ def write_report(out):
     if results["timing"]:
         parts += ["## Cost: wall time per stage on this machine", "",
                   md_table(["stage", "seconds"], [[k, f"{v:.1f}"] for k, v in results["timing"].items()]), ""]
-    results.pop("steps", None)
     save_json(os.path.join(out, "results.json"), results)
     write_text(os.path.join(out, "report.md"), "\n".join(parts))
     return results
 
 
-def write_text(path, text):
-    with atomic_path(path) as tmp, open(tmp, "w") as f:
-        f.write(text)
-
-
-# ----------------------------------------------------------------------------------------------
-# Time estimates and the bench stage
-# ----------------------------------------------------------------------------------------------
-def print_estimate(encoder, n_windows, batch_size):
-    """Estimate the encode time from results/bench.json when it measured this encoder, else time a batch."""
-    key = f"{encoder.id}@{encoder.device.split(':')[0]}/{encoder.precision}"  # cuda:1 measures as cuda
-    bench = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "bench.json")
-    rate = None
-    if os.path.exists(bench):
-        with contextlib.suppress(Exception):
-            rate = json.load(open(bench)).get("encode_windows_per_s", {}).get(key)
-    source = "results/bench.json"
-    if rate is None:
-        window = np.zeros((min(2, batch_size), WINDOW, FRAME_SIZE, FRAME_SIZE, 3), np.uint8)
-        encode(encoder, window[:1])  # warm-up: the first call pays for allocation and kernel selection
-        t0 = time.perf_counter()
-        encode(encoder, window)
-        rate, source = len(window) / (time.perf_counter() - t0), "one timed batch"
-    print(f"estimate: {n_windows} windows with {key} at {rate:.2f} windows/s ({source}) "
-          f"= {n_windows / rate / 60:.1f} min of encoding")
-
-
-# ----------------------------------------------------------------------------------------------
-# Stages: each reads and writes only files in the run folder, so any stage can be re-run alone.
+# ---- Stages --------------------------------------------------------------------------------------------------------
+# Each reads and writes only files in the run folder, so any stage can be re-run alone.
 # A stage returns False when it skipped (its outputs exist), so the run folder is left untouched.
-# ----------------------------------------------------------------------------------------------
 def exists_skip(args, path, stage):
     """The one skip rule: outputs that exist are kept unless --force."""
     if os.path.exists(path) and not args.force:
@@ -2439,14 +2447,14 @@ def exists_skip(args, path, stage):
     return False
 
 
-def lean(args):
+def is_lean(args):
     return not args.full_render
 
 
 def stage_envs(args, encoder, n, expert=None):
     """Envs for n episodes as the options ask: up to --batch-size in lockstep, --render-workers, frame size."""
-    return make_envs(min(n, args.batch_size), render_workers(args.render_workers), frame_size_of(encoder), lean(args),
-                     expert)
+    return make_envs(min(n, args.batch_size), render_workers(args.render_workers), frame_size_of(encoder),
+                     is_lean(args), expert)
 
 
 def stage_collect(args, encoder, expert=None, epsilon=None):
@@ -2460,14 +2468,14 @@ def stage_collect(args, encoder, expert=None, epsilon=None):
     shard_dir = os.path.join(args.out, "shards", name, f"shard_{i}of{n}")
     if os.path.exists(os.path.join(data_dir, "meta.json")) and not args.force:
         meta = load_json(os.path.join(data_dir, "meta.json"))
-        check_meta(meta, encoder, data_dir, steps=args.steps, lean=lean(args))
+        check_meta(meta, encoder, data_dir, steps=args.steps, lean=is_lean(args))
         if meta["seeds"] == sorted(seeds):
             print(f"collect: {data_dir} exists ({len(seeds)} episodes); --force to redo")
             return False
     if args.force:
         for f in glob.glob(os.path.join(shard_dir, "*")):
             os.remove(f)
-    collect_shard(shard_dir, encoder, expert, epsilon, args.steps, seeds[i::n], args.batch_size, lean(args),
+    collect_shard(shard_dir, encoder, expert, epsilon, args.steps, seeds[i::n], args.batch_size, is_lean(args),
                   args.store_dtype, args.seed, render_workers(args.render_workers))
     if n == 1:
         merge([shard_dir], data_dir)
@@ -2490,7 +2498,7 @@ def stage_merge(args, encoder):
     return merged
 
 
-def rl_standardisation(args, encoder):
+def rl_standardizer(args, encoder):
     """mean, std of z for SAC: from the Phase 1 data when they exist, else from 16 random-action episodes."""
     data_dir = os.path.join(args.out, "data", dataset_name(args.expert, args.epsilon))
     if os.path.exists(os.path.join(data_dir, "meta.json")):
@@ -2498,9 +2506,9 @@ def rl_standardisation(args, encoder):
         name = os.path.relpath(data_dir, args.out)
         return (*standardizer(data["z"], np.arange(len(data["z"]))), f"the Phase 1 data ({name})")
     seeds = episode_seeds("rl", 16, args.seed)[::-1]  # the range's far end: training starts at its front
-    envs = make_envs(16, 0, frame_size_of(encoder), lean(args))
-    eps = run_episodes(seeds, random_policy(np.random.default_rng(args.seed)), encoder, envs, args.steps,
-                       needs_z=False, keep_z=True, batch_size=args.batch_size, desc="rl warm-up")
+    with make_envs(16, 0, frame_size_of(encoder), is_lean(args)) as envs:
+        eps = run_episodes(seeds, random_policy(np.random.default_rng(args.seed)), encoder, envs, args.steps,
+                           needs_z=False, keep_z=True, batch_size=args.batch_size, desc="rl warm-up")
     z = np.stack([ep["z"] for ep in eps])
     return (*standardizer(z, np.arange(len(z))), "16 random-action episodes (no Phase 1 data)")
 
@@ -2520,6 +2528,38 @@ def rl_estimate(args, encoder, variants=1):
         print_estimate(encoder, updates * (1 + 1 / args.action_repeat), args.batch_size)
 
 
+def run_rl(args, encoder, path, mean, std, source, variants, done):
+    """Train each SAC variant, evaluate its final policy; its actor and rl.json are saved as it ends."""
+    rl_estimate(args, encoder, len(variants))
+    eval_seeds = episode_seeds("eval", args.eval_episodes, args.seed)
+    result = dict(done, standardisation=source, steps=args.steps)
+    train_envs = make_envs(args.rl_envs, render_workers(args.render_workers), frame_size_of(encoder), is_lean(args))
+    with train_envs as envs, stage_envs(args, encoder, len(eval_seeds)) as eval_envs:
+        evaluate = partial(evaluate_sac, encoder=encoder, envs=eval_envs, steps=args.steps,
+                           action_repeat=args.action_repeat, batch_size=args.batch_size)
+        for name, demos in variants.items():  # learning starts after min(5,000, 1/4 of the steps): quick runs learn
+            t0, bar = time.time(), Progress(args.rl_steps, f"rl {name}")
+            agent, curve = train_sac(encoder, envs, partial(episode_seeds, "rl", seed=args.seed), args.steps,
+                                     args.rl_steps, mean, std, args.action_repeat, demos, args.rl_eval_every,
+                                     partial(evaluate, seeds=eval_seeds[:args.rl_eval_episodes]), args.seed,
+                                     args.device, bar, learning_starts=min(5_000, args.rl_steps // 4))
+            bar.close()
+            result["eval"][name] = evaluate(agent, seeds=eval_seeds)
+            result["runs"][name] = {"curve": curve, "env_steps": agent.env_steps, "updates": agent.updates,
+                                    "seconds": time.time() - t0}
+            save_model(os.path.join(args.out, f"{name.replace('+', '_')}_actor.pt"), agent.nets["actor"],
+                       {"encoder": encoder.info(), "render": render_mode(encoder, is_lean(args)),
+                        "mean": mean.tolist(), "std": std.tolist()})
+            print(f"rl {name}: {agent.env_steps:,} env steps, {agent.updates:,} updates, "
+                  f"{time.time() - t0:.0f} s | final success {fmt_rate(result['eval'][name])}")
+            save_json(path, result)
+    write_text(os.path.join(args.out, "rl_curve.csv"), "step,return,success,seed,variant\n" + "".join(
+        f"{c['step']},{c['return']:.3f},{c['success']:.4f},{args.seed},{name}\n"
+        for name, trained in result["runs"].items() for c in trained["curve"]))
+    save_json(path, result)
+    print(rl_section({"rl": result, "encoder": encoder.info()}))
+
+
 def stage_rl(args, encoder):
     """SAC on frozen embeddings, without and (with --rl-demos) with the Phase 1 demos mixed in; the final
     deterministic policy is evaluated like every other condition, on the evaluation episodes."""
@@ -2529,7 +2569,7 @@ def stage_rl(args, encoder):
     if all(name in done["runs"] for name in wanted):  # each variant is kept once it finishes
         print(f"rl: {path} has {', '.join(wanted)}; --force to redo")
         return False
-    mean, std, source = rl_standardisation(args, encoder)
+    mean, std, source = rl_standardizer(args, encoder)
     variants = {"rl": None} if "rl" not in done["runs"] else {}
     if args.rl_demos and "rl+demos" not in done["runs"]:
         data = load_dataset(os.path.join(args.out, "data", dataset_name(args.expert, args.epsilon)), encoder)
@@ -2540,53 +2580,6 @@ def stage_rl(args, encoder):
     # ViT-L encoder keeps every thread.
     with cpu_threads(1 if args.device == "cpu" and encoder.dim < 512 else None):
         return run_rl(args, encoder, path, mean, std, source, variants, done)
-
-
-def run_rl(args, encoder, path, mean, std, source, variants, done):
-    rl_estimate(args, encoder, len(variants))
-    eval_seeds = episode_seeds("eval", args.eval_episodes, args.seed)
-    result = dict(done, standardisation=source, steps=args.steps)
-    with make_envs(args.rl_envs, render_workers(args.render_workers), frame_size_of(encoder), lean(args)) as envs, \
-            stage_envs(args, encoder, len(eval_seeds)) as eval_envs:
-        for name, demos in variants.items():
-            def curve_eval(agent):
-                return evaluate_sac(agent, encoder, eval_envs, eval_seeds[:args.rl_eval_episodes], args.steps,
-                                    args.action_repeat, args.batch_size)
-            t0, bar = time.time(), Progress(args.rl_steps, f"rl {name}")
-            agent, curve = train_sac(encoder, envs, lambda n: episode_seeds("rl", n, args.seed), args.steps,
-                                     args.rl_steps, mean, std, args.action_repeat, demos, args.rl_eval_every,
-                                     curve_eval, args.seed, args.device, bar,
-                                     learning_starts=min(5_000, args.rl_steps // 4))  # quick runs learn too
-            bar.close()
-            result["eval"][name] = evaluate_sac(agent, encoder, eval_envs, eval_seeds, args.steps,
-                                                args.action_repeat, args.batch_size)
-            result["runs"][name] = {"curve": curve, "env_steps": agent.env_steps, "updates": agent.updates,
-                                    "seconds": time.time() - t0}
-            save_model(os.path.join(args.out, f"{name.replace('+', '_')}_actor.pt"), agent.nets["actor"],
-                       {"encoder": encoder.info(), "render": render_mode(encoder, lean(args)),
-                        "mean": mean.tolist(), "std": std.tolist()})
-            print(f"rl {name}: {agent.env_steps:,} env steps, {agent.updates:,} updates, "
-                  f"{time.time() - t0:.0f} s | final success {fmt_rate(result['eval'][name])}")
-            save_json(path, result)
-    write_text(os.path.join(args.out, "rl_curve.csv"), "step,return,success,seed,variant\n" + "".join(
-        f"{c['step']},{c['return']:.3f},{c['success']:.4f},{args.seed},{name}\n"
-        for name, run in result["runs"].items() for c in run["curve"]))
-    save_json(path, result)
-    print(rl_section({"rl": result, "encoder": encoder.info(), "config": vars(args)}))
-
-
-def rl_section(results):
-    """The RL table: budget, cost and final success of each variant (its row is also in the Phase 1 table)."""
-    rl, rows = results["rl"], []
-    for name, run in rl["runs"].items():
-        m = rl["eval"][name]
-        rows.append([name, f"{run['env_steps']:,}", f"{run['updates']:,}", f"{run['seconds']:.0f}", fmt_rate(m),
-                     f"{m['return']:.1f}", m["n"]])
-    return (f"### SAC on frozen embeddings (encoder `{results['encoder']['id']}`, standardised with "
-            f"{rl['standardisation']})\n\n" +
-            md_table(["variant", "env steps", "updates", "wall s", "final success [95% CI]", "return", "n"], rows) +
-            "\n\nLearning curve: `rl_curve.csv` (step, return, success, seed, variant) and "
-            "![SAC learning curve](rl_curve.png)")
 
 
 def stage_explore(args, encoder):
@@ -2611,29 +2604,43 @@ def stage_bc(args, encoder):
     save_json(os.path.join(args.out, "bc.json"), info)
 
 
-def load_checked(args, encoder, path, made_by, net):
-    """A checkpoint's weights into `net`, refused if it was made with another encoder or render look."""
+def load_checked(args, encoder, path, made_by, net=None):
+    """A checkpoint's weights into `net` (None: the dynamics model its metadata names), with its input
+    standardisation; refused if it was made with another encoder or render look."""
     ckpt = load_model(path, made_by)
-    check_meta(ckpt["meta"], encoder, path, lean=lean(args))
+    meta = ckpt["meta"]
+    check_meta(meta, encoder, path, lean=is_lean(args))
+    if net is None:
+        net = dynamics_net(meta["name"], encoder.dim, meta.get("resblock_relu", False))
     try:
         net.load_state_dict(ckpt["state_dict"])
     except RuntimeError as e:
         raise UserError(f"{path} does not fit encoder dim {encoder.dim}: {str(e).splitlines()[0]}")
-    mean, std = (np.array(ckpt["meta"][k], np.float32) for k in ("mean", "std"))
-    return net.eval().requires_grad_(False), mean, std, ckpt["meta"]
+    mean, std = (np.array(meta[k], np.float32) for k in ("mean", "std"))
+    return net.eval().requires_grad_(False), mean, std
+
+
+def state_baselines(seeds, steps, seed):
+    """Both experts and a uniform random policy on episodes `seeds`: they act on the physics, so they need no
+    rendering or encoding. Returns episode_metrics for p, jacobian and random."""
+    policies = dict.fromkeys(EXPERT_NAMES, expert_policy)
+    policies["random"] = random_policy(np.random.default_rng(seed))
+    state, metrics = load_encoder("state"), {}
+    for name, policy in policies.items():
+        with Envs(min(len(seeds), 100), expert=name if name in EXPERTS else None) as envs:
+            eps = run_episodes(seeds, policy, state, envs, steps, needs_z=False, desc=name)
+        metrics[name] = episode_metrics(eps, steps)
+    return metrics
 
 
 def stage_eval(args, encoder):
     path = os.path.join(args.out, "eval.json")
     if exists_skip(args, path, "eval"):
         return False
-    model, mean, std, _ = load_checked(args, encoder, os.path.join(args.out, "bc.pt"), "bc", bc_net(encoder.dim))
+    model, mean, std = load_checked(args, encoder, os.path.join(args.out, "bc.pt"), "bc", bc_net(encoder.dim))
     seeds = episode_seeds("eval", args.eval_episodes, args.seed)
-    results, state = {"experts": {}, "eval": {}, "steps": args.steps}, load_encoder("state")
-    for name in EXPERT_NAMES:  # experts act on physics, so they need no rendering or encoding
-        eps = run_episodes(seeds, expert_policy, state, Envs(min(len(seeds), 100), expert=name), args.steps,
-                           needs_z=False, desc=f"expert {name}")
-        results["experts"][name] = episode_metrics(eps, args.steps)
+    baselines = state_baselines(seeds, args.steps, args.seed)
+    results = {"experts": {name: baselines[name] for name in EXPERT_NAMES}, "eval": {}, "steps": args.steps}
     if encoder.pixels:
         print_estimate(encoder, len(seeds) * (args.steps + 1), args.batch_size)
     with stage_envs(args, encoder, len(seeds)) as envs:
@@ -2641,15 +2648,26 @@ def stage_eval(args, encoder):
                            keep_frames=int(encoder.pixels), desc="eval bc")
     results["eval"]["bc"] = episode_metrics(eps, args.steps)
     if not encoder.pixels:
-        eps = [gif_episode(seeds[0], bc_policy(model, mean, std), encoder, args.steps, args.frame_size, lean(args))]
+        eps = [gif_episode(seeds[0], bc_policy(model, mean, std), encoder, args.steps, args.frame_size, is_lean(args))]
     save_rollout_gif(os.path.join(args.out, "rollout_bc.gif"), eps[0], "BC")
-    eps = run_episodes(seeds, random_policy(np.random.default_rng(args.seed)), state, Envs(min(len(seeds), 100)),
-                       args.steps, needs_z=False, desc="random")
-    results["eval"]["random"] = episode_metrics(eps, args.steps)
-    ep = gif_episode(seeds[0], expert_policy, encoder, args.steps, args.frame_size, lean(args), args.expert)
+    results["eval"]["random"] = baselines["random"]
+    ep = gif_episode(seeds[0], expert_policy, encoder, args.steps, args.frame_size, is_lean(args), args.expert)
     save_rollout_gif(os.path.join(args.out, "rollout_expert.gif"), ep, f"expert {args.expert}")
     save_json(path, results)
-    print(phase1_table(dict(results, encoder=encoder.info(), config=vars(args))))
+    print(phase1_table(dict(results, encoder=encoder.info()), args.steps))
+
+
+def clear_plans(out, model_name):
+    path = os.path.join(out, "plan.json")
+    if not os.path.exists(path):
+        return
+    plans = load_json(path)
+    stale = [c for c in plans["plan"] if c.split("/")[1] == model_name]
+    for c in stale:
+        plans["plan"].pop(c), plans["plan_traces"].pop(c, None)
+    if stale:
+        save_json(path, plans)
+        print(f"dynamics: cleared plan results {', '.join(stale)} (made with the old {model_name}); re-run `plan`")
 
 
 def stage_dynamics(args, encoder):
@@ -2679,24 +2697,8 @@ def stage_dynamics(args, encoder):
     print(dynamics_table({"dynamics": done}))
 
 
-def clear_plans(out, model_name):
-    path = os.path.join(out, "plan.json")
-    if not os.path.exists(path):
-        return
-    plans = load_json(path)
-    stale = [c for c in plans["plan"] if c.split("/")[1] == model_name]
-    for c in stale:
-        plans["plan"].pop(c), plans["plan_traces"].pop(c, None)
-    if stale:
-        save_json(path, plans)
-        print(f"dynamics: cleared plan results {', '.join(stale)} (made with the old {model_name}); re-run `plan`")
-
-
 def load_dynamics(args, encoder, name):
-    meta = load_model(os.path.join(args.out, f"dynamics_{name}.pt"), "dynamics")["meta"]
-    net = dynamics_net(name, encoder.dim, meta.get("resblock_relu", False))
-    model, mean, std, _ = load_checked(args, encoder, os.path.join(args.out, f"dynamics_{name}.pt"), "dynamics", net)
-    return model, mean, std
+    return load_checked(args, encoder, os.path.join(args.out, f"dynamics_{name}.pt"), "dynamics")
 
 
 def plan_settings(args, planner):
@@ -2716,6 +2718,31 @@ def plan_goals(args, encoder, seeds, kind):
             return expert_goals(seeds, args.goal_expert, encoder, envs, args.goal_horizon, args.goal_form,
                                 args.batch_size)
         return random_run_goals(seeds, encoder, envs, args.goal_form, batch_size=args.batch_size)
+
+
+def goal_frame_of(args, seed):
+    """The expert's closest-approach frame, rendered for the GIF when the encoder itself sees no pixels."""
+    ep = gif_episode(seed, expert_policy, load_encoder("state"), args.goal_horizon, args.plan_frame_size,
+                     is_lean(args), args.goal_expert)
+    return ep["frames"][1 + int(finger_distance(ep["states"])[1:].argmin())]
+
+
+def plan_metrics(eps, z_goal, std, steps, seconds, goals):
+    """Success, return and latent distance to the goal (in the dynamics model's standardised space)."""
+    latent = np.stack([np.linalg.norm((ep["z"] - zg) / std, axis=1) for ep, zg in zip(eps, z_goal)])
+    finger = np.stack([finger_distance(ep["states"]) for ep in eps])
+    improvement = (latent[:, 0] - latent[:, -1]) / np.maximum(latent[:, 0], 1e-9)
+    m = episode_metrics(eps, steps)
+    for key, x in (("latent_initial", latent[:, 0]), ("latent_final", latent[:, -1]), ("latent_min", latent.min(1)),
+                   ("latent_improvement", improvement), ("final_distance", finger[:, -1])):
+        m[key], m[f"{key}_ci"] = mean_ci(x)  # mean and 95% half-width over episodes
+    m["ms_per_action"] = 1000 * seconds / (steps * len(eps))
+    m["ms_per_step_all_episodes"] = 1000 * seconds / steps
+    m["goal_distance"] = float(np.mean([g["distance"] for g in goals]))  # the goal's own finger distance
+    m["episodes"] = [{"seed": ep["seed"], "success": bool(ep["rewards"][-1] >= 1), "return": float(ep["rewards"].sum()),
+                      "final_distance": ep["final_distance"], "latent_initial": float(lat[0]),
+                      "latent_final": float(lat[-1]), "latent_min": float(lat.min())} for ep, lat in zip(eps, latent)]
+    return m, {"latent": latent.tolist(), "finger": finger.tolist()}
 
 
 def stage_plan(args, encoder):
@@ -2750,37 +2777,12 @@ def stage_plan(args, encoder):
               f"{m['latent_final']:.2f} (min {m['latent_min']:.2f}) | {m['ms_per_action']:.0f} ms/action")
         if planner == "cem" and not gif_made:  # the first CEM model of this run, beside its goal frame
             if "frames" not in eps[0]:
-                eps[0] = gif_episode(seeds[0], mpc, plan_encoder, steps, args.plan_frame_size, lean(args),
+                eps[0] = gif_episode(seeds[0], mpc, plan_encoder, steps, args.plan_frame_size, is_lean(args),
                                      window_form=args.mpc_obs)
             goal_frame = info[0]["frame"] if info[0]["frame"] is not None else goal_frame_of(args, seeds[0])
             save_rollout_gif(os.path.join(args.out, "rollout_cem.gif"), eps[0], f"CEM {name}", goal_frame)
             gif_made = True
-    print(plan_table(dict(done, config=vars(args), encoder=encoder.info())))
-
-
-def goal_frame_of(args, seed):
-    """The expert's closest-approach frame, rendered for the GIF when the encoder itself sees no pixels."""
-    ep = gif_episode(seed, expert_policy, load_encoder("state"), args.goal_horizon, args.plan_frame_size,
-                     lean(args), args.goal_expert)
-    return ep["frames"][1 + int(finger_distance(ep["states"])[1:].argmin())]
-
-
-def plan_metrics(eps, z_goal, std, steps, seconds, goals):
-    """Success, return and latent distance to the goal (in the dynamics model's standardised space)."""
-    latent = np.stack([np.linalg.norm((ep["z"] - zg) / std, axis=1) for ep, zg in zip(eps, z_goal)])
-    finger = np.stack([finger_distance(ep["states"]) for ep in eps])
-    improvement = (latent[:, 0] - latent[:, -1]) / np.maximum(latent[:, 0], 1e-9)
-    m = episode_metrics(eps, steps)
-    for key, x in (("latent_initial", latent[:, 0]), ("latent_final", latent[:, -1]), ("latent_min", latent.min(1)),
-                   ("latent_improvement", improvement), ("final_distance", finger[:, -1])):
-        m[key], m[f"{key}_ci"] = mean_ci(x)  # mean and 95% half-width over episodes
-    m["ms_per_action"] = 1000 * seconds / (steps * len(eps))
-    m["ms_per_step_all_episodes"] = 1000 * seconds / steps
-    m["goal_distance"] = float(np.mean([g["distance"] for g in goals]))  # the goal's own finger distance
-    m["episodes"] = [{"seed": ep["seed"], "success": bool(ep["rewards"][-1] >= 1), "return": float(ep["rewards"].sum()),
-                      "final_distance": ep["final_distance"], "latent_initial": float(lat[0]),
-                      "latent_final": float(lat[-1]), "latent_min": float(lat.min())} for ep, lat in zip(eps, latent)]
-    return m, {"latent": latent.tolist(), "finger": finger.tolist()}
+    print(plan_table(dict(done, encoder=encoder.info()), steps))
 
 
 def stage_probe(args, encoder):
@@ -2819,9 +2821,7 @@ STAGES = {"collect": stage_collect, "merge": stage_merge, "bc": stage_bc, "eval"
           "report": stage_report}
 
 
-# ----------------------------------------------------------------------------------------------
-# Several training seeds: the same stages once per seed, then mean and 95% interval across seeds
-# ----------------------------------------------------------------------------------------------
+# ---- Several training seeds: the same stages once per seed, then mean and 95% interval across seeds ----------------
 T_975 = {1: 12.71, 2: 4.30, 3: 3.18, 4: 2.78, 5: 2.57, 6: 2.45, 7: 2.36, 8: 2.31, 9: 2.26}  # Student t, 2-sided 95%
 
 
@@ -2835,43 +2835,47 @@ def across_seeds(values):
 
 def headline(results):
     """Every headline number of one run: {name: (success, n, return)} and probe R^2 values."""
-    rows = {f"expert {k}": v for k, v in results.get("experts", {}).items()}
-    rows.update(results.get("eval", {}))
-    rows.update({f"MPC {k}": v for k, v in results.get("plan", {}).items()})
-    out = {k: {"success": v["success"], "n": v["n"], "return": v["return"]} for k, v in rows.items()}
+    numbers = {k: {"success": v["success"], "n": v["n"], "return": v["return"]} for k, v in evaluated(results).items()}
     for target, r2_value in results.get("probe", {}).get("encoder", {}).items():
-        out[f"probe R^2 {target}"] = {"value": r2_value}
-    return out
+        numbers[f"probe R^2 {target}"] = {"value": r2_value}
+    return numbers
+
+
+def seed_entry(values):
+    """One headline measure across seeds: per-seed values, mean, 95% t-interval; for a success rate also the
+    pooled Wilson interval over all episodes and the return's mean and interval."""
+    key = "value" if "value" in values[0] else "success"
+    mean, half = across_seeds([v[key] for v in values])
+    entry = {"per_seed": [v[key] for v in values], "mean": mean, "ci95_across_seeds": half}
+    if key == "success":
+        k = sum(round(v["success"] * v["n"]) for v in values)
+        entry["pooled_wilson"] = wilson(k, sum(v["n"] for v in values))
+        entry["return"] = dict(zip(("mean", "ci95_across_seeds"), across_seeds([v["return"] for v in values])))
+    return entry
+
+
+def seed_row(name, entry):
+    """A row of seeds.md: success rates in %, other measures (probe R^2) as they are."""
+    if "pooled_wilson" not in entry:
+        return [name, " ".join(f"{x:.2f}" for x in entry["per_seed"]),
+                f"{entry['mean']:.2f} ± {entry['ci95_across_seeds']:.2f}", "", ""]
+    lo, hi = entry["pooled_wilson"]
+    ret = entry["return"]
+    return [name, " ".join(f"{100 * x:.0f}" for x in entry["per_seed"]),
+            f"{100 * entry['mean']:.1f} ± {100 * entry['ci95_across_seeds']:.1f}", f"[{100 * lo:.0f}, {100 * hi:.0f}]",
+            f"{ret['mean']:.1f} ± {ret['ci95_across_seeds']:.1f}"]
 
 
 def aggregate_seeds(out, seeds):
     """OUT/seeds.json and seeds.md from OUT/seed_S/results.json: per seed, mean ± 95% across seeds, and the
     pooled Wilson interval over all episodes (evaluation episodes are shared, so seeds are paired)."""
-    per_seed = {s: headline(load_json(os.path.join(out, f"seed_{s}", "results.json"), made_by="report"))
-                for s in seeds}
+    per_seed = {s: headline(load_json(os.path.join(out, f"seed_{s}", "results.json"), made_by="report")) for s in seeds}
     names = [k for k in per_seed[seeds[0]] if all(k in per_seed[s] for s in seeds)]
-    table, rows = {}, []
-    for name in names:
-        vals = [per_seed[s][name] for s in seeds]
-        key = "value" if "value" in vals[0] else "success"
-        mean, half = across_seeds([v[key] for v in vals])
-        entry = {"per_seed": [v[key] for v in vals], "mean": mean, "ci95_across_seeds": half}
-        if key == "success":
-            k = sum(round(v["success"] * v["n"]) for v in vals)
-            n = sum(v["n"] for v in vals)
-            entry["pooled_wilson"] = wilson(k, n)
-            entry["return"] = dict(zip(("mean", "ci95_across_seeds"), across_seeds([v["return"] for v in vals])))
-        table[name] = entry
-        pct = 100 if key == "success" else 1
-        rows.append([name, " ".join(f"{x * pct:.0f}" if pct == 100 else f"{x:.2f}" for x in entry["per_seed"]),
-                     f"{mean * pct:.1f} ± {half * pct:.1f}" if pct == 100 else f"{mean:.2f} ± {half:.2f}",
-                     "[{:.0f}, {:.0f}]".format(*(100 * np.array(entry["pooled_wilson"]))) if key == "success" else "",
-                     f"{entry['return']['mean']:.1f} ± {entry['return']['ci95_across_seeds']:.1f}"
-                     if key == "success" else ""])
+    table = {name: seed_entry([per_seed[s][name] for s in seeds]) for name in names}
     save_json(os.path.join(out, "seeds.json"), {"seeds": seeds, "headline": table, "per_seed": per_seed})
     text = (f"Training seeds {seeds}; evaluation episodes shared across seeds. Success in %.\n\n" +
             md_table(["measure", "per seed", "mean ± 95% across seeds", "pooled Wilson 95% (all episodes)",
-                      "return, mean ± 95%"], rows) + "\n")
+                      "return, mean ± 95%"], [seed_row(name, entry) for name, entry in table.items()]) + "\n")
     write_text(os.path.join(out, "seeds.md"), text)
     links = " ".join(f"[seed {s}](seed_{s}/report.md)" for s in seeds)
     first = load_json(os.path.join(out, f"seed_{seeds[0]}", "config.json"))
@@ -2881,18 +2885,7 @@ def aggregate_seeds(out, seeds):
     print(text)
 
 
-def run_seeds(args):
-    for s in args.seeds:
-        one = argparse.Namespace(**dict(vars(args), seed=s, seeds=None, out=os.path.join(args.out, f"seed_{s}")))
-        run(one)
-    if args.stage in ("all", "report"):
-        aggregate_seeds(args.out, args.seeds)
-    return 0
-
-
-# ----------------------------------------------------------------------------------------------
-# Main
-# ----------------------------------------------------------------------------------------------
+# ---- Main ----------------------------------------------------------------------------------------------------------
 def check_writable(out):
     """Refuse an --out that cannot be written, without creating it (it appears only once there is output)."""
     path = os.path.abspath(out)
@@ -2915,11 +2908,7 @@ def check_run_folder(args, encoder):
     """A run folder belongs to one encoder: refuse another before any stage runs, or skips."""
     path = os.path.join(args.out, "config.json")
     if os.path.exists(path):
-        enc = load_json(path).get("encoder_info", {})
-        if (enc.get("id"), enc.get("dim")) != (encoder.id, encoder.dim):
-            raise UserError(f"{args.out} was made with encoder {enc.get('id')} (dim {enc.get('dim')}), but "
-                            f"--encoder is {encoder.id} (dim {encoder.dim}); pass --encoder {enc.get('id')} or "
-                            "use another --out")
+        check_meta({"encoder": load_json(path).get("encoder_info", {})}, encoder, args.out)
 
 
 def record(args, encoder, stage, seconds):
@@ -2941,8 +2930,7 @@ def run(args):
         return STAGES[args.stage](args, None)
     check_writable(args.out)
     seed_everything(args.seed)
-    encoder = load_encoder(args.encoder, args.device, args.precision, args.seed, args.frame_size,
-                           args.encoder_forward)
+    encoder = load_encoder(args.encoder, args.device, args.precision, args.seed, args.frame_size, args.encoder_forward)
     check_run_folder(args, encoder)
     shard_only = args.stage == "collect" and args.shard[1] > 1  # concurrent shards share no file but their own
     wrote = False
@@ -2954,6 +2942,16 @@ def run(args):
     if wrote and args.stage != "report":
         write_report(args.out)
     return wrote
+
+
+def run_seeds(args):
+    """--seeds: the stage once per training seed in OUT/seed_S, then the table across seeds."""
+    for s in args.seeds:
+        one = argparse.Namespace(**dict(vars(args), seed=s, seeds=None, out=os.path.join(args.out, f"seed_{s}")))
+        run(one)
+    if args.stage in ("all", "report"):
+        aggregate_seeds(args.out, args.seeds)
+    return 0
 
 
 def main(argv=None):
