@@ -29,7 +29,7 @@ import torch
 from vjepa_reacher import (DEFAULT_ENCODER, FRAME_SIZE, WINDOW, Encoder, MLPDynamics, Renderer, atomic_path,
                            bc_net, bc_policy, cem, encode, encoder_flops, expert_policy, latent_cost, load_encoder,
                            make_env, make_envs, md_table, n_params, new_window, p_expert, preprocess,
-                           render_workers, reset_env, run_episodes, save_json, train_bc, train_dynamics,
+                           random_vjepa2, render_workers, reset_env, run_episodes, save_json, train_bc, train_dynamics,
                            windows_from_frames)
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
@@ -219,12 +219,8 @@ def seed_model(encoder):
 def vitl_model(device):
     """V-JEPA 2 ViT-L with random weights: VJEPA2Config()'s defaults are ViT-L/16 at 256 px (1024 wide, 24
     layers), so the compute is the real model's without a 1.3 GB download. SDPA attention, as load_pretrained."""
-    from transformers import VJEPA2Config, VJEPA2Model
-    config = VJEPA2Config(attn_implementation="sdpa")
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        model = VJEPA2Model(config)
-    return model.to(device).eval().requires_grad_(False)
+    from transformers import VJEPA2Config
+    return random_vjepa2(VJEPA2Config(attn_implementation="sdpa"), 0).to(device).eval().requires_grad_(False)
 
 
 def as_encoder(key, model, device, precision):
@@ -385,11 +381,14 @@ def measure_seed_eval(encoder, batch, workers, quick):
 
 
 def measure_encoder(label, key, model, windows, device, peak, quick):
-    """Windows/s of one encoder at every precision (autocast over fp32 weights, interleaved) at `batch`, its
-    GFLOP/s from encoder_flops, and MFU: that GFLOP/s over the matmul peak measured in this run at the same
-    precision. Returns figures per precision and windows/s under print_estimate's keys."""
+    """Windows/s of one encoder at every precision (autocast over fp32 weights; on CUDA also `half`, fp16
+    weights without autocast, as --precision half) at `batch`, interleaved; its GFLOP/s from encoder_flops,
+    and MFU: that GFLOP/s over the matmul peak measured in this run at the same precision (fp16 for half).
+    Returns figures per precision and windows/s under print_estimate's keys."""
     config, batch = model.config, len(windows)
     encoders = {p: Encoder(key, config.hidden_size, model, device, p, config) for p in precisions(device)}
+    if is_cuda(device):  # measured on an H200: autocast's casts and fp32 elementwise ops cost ViT-L ~1.3x
+        encoders["half"] = encoders["fp32"].variant("half")
     seconds, _ = interleaved({p: partial(encode, e, windows) for p, e in encoders.items()},
                              3 if quick or label == "vitl" else 5, device)
     flops = encoder_flops(config)
@@ -398,8 +397,9 @@ def measure_encoder(label, key, model, windows, device, peak, quick):
         rate = batch / s
         gflops = rate * flops / 1e9
         rates[f"{key}@{device}/{p}"] = rate
-        figures[p] = {"windows_per_s": rate, "gflops": gflops, "fraction_of_matmul_peak": gflops / peak[p]}
-        mfu.append(100 * gflops / peak[p])
+        ceiling = peak["fp16" if p == "half" else p]
+        figures[p] = {"windows_per_s": rate, "gflops": gflops, "fraction_of_matmul_peak": gflops / ceiling}
+        mfu.append(100 * gflops / ceiling)
     figures.update(gflop_per_window=flops / 1e9, batch=batch, attn_implementation=config._attn_implementation,
                    encode_windows_per_s=rates)
     row = [f"encoder {label} ({flops / 1e9:.1f} GFLOP/window), batch {batch}, {' / '.join(seconds)} (windows/s)",
@@ -502,26 +502,27 @@ def bench(args):
     folder = args.bench_out or (args.out if quick else RESULTS)
     batch = min(args.batch_size, 8) if quick else args.batch_size
     workers = render_workers(args.render_workers)
-    out = {"device": device_name(device), "torch": torch.__version__, "quick": quick, "command": args.command,
+    result = {"device": device_name(device), "torch": torch.__version__, "quick": quick, "command": args.command,
            "encode_windows_per_s": {}, "encoder_gflops": {}, "bench_seconds": {}}
     rows = []
 
-    def record(key, measure, *inputs, into=out):
+    def record(key, measure, *inputs, into=result):
         """Run one measurement; keep its figures under `key`, its row for the table, its own wall time."""
         t0 = time.perf_counter()
         into[key], row = measure(*inputs)
-        out["bench_seconds"][key] = time.perf_counter() - t0
+        result["bench_seconds"][key] = time.perf_counter() - t0
         rows.append(row)
-        print(f"bench: {row[0]}: {row[1]} | {row[2]} ({out['bench_seconds'][key]:.0f} s)", flush=True)
+        print(f"bench: {row[0]}: {row[1]} | {row[2]} ({result['bench_seconds'][key]:.0f} s)", flush=True)
 
-    print(f"bench: {out['device']}, torch {torch.__version__}{', quick' if quick else ''}", flush=True)
-    out["load_average_at_start"] = busy_warning(device)
-    out["torch_threads"], out["omp_wait_policy"] = torch.get_num_threads(), os.environ.get("OMP_WAIT_POLICY", "unset")
+    print(f"bench: {result['device']}, torch {torch.__version__}{', quick' if quick else ''}", flush=True)
+    result["load_average_at_start"] = busy_warning(device)
+    result["torch_threads"] = torch.get_num_threads()
+    result["omp_wait_policy"] = os.environ.get("OMP_WAIT_POLICY", "unset")
     record("matmul_peak_gflops", matmul_peak, device, quick)
-    peak = out["matmul_peak_gflops"]
+    peak = result["matmul_peak_gflops"]
     tiny = load_encoder("tiny", device, "fp32")
     record("render", measure_render, tiny, quick)
-    out["gl_renderer"] = out["render"]["gl_renderer"]
+    result["gl_renderer"] = result["render"]["gl_renderer"]
     record("render_workers", measure_render_workers, quick, batch)
 
     # The pipeline rows run ViT-L (random weights, same compute) on a GPU, `tiny` on a CPU or with --quick.
@@ -539,20 +540,20 @@ def bench(args):
         encoders.append(("vitl", DEFAULT_ENCODER, vitl, batch if is_cuda(device) else 1))
     for label, key, model, size in encoders:
         record(label, measure_encoder, label, key, model, windows[:size], device, peak, quick,
-               into=out["encoder_gflops"])
-        out["encode_windows_per_s"].update(out["encoder_gflops"][label]["encode_windows_per_s"])
-    main = out["encoder_gflops"]["vitl" if vitl is not None else "tiny"]
-    out["encoder_gflops"]["value"] = max(main[p]["gflops"] for p in precisions(device))
+               into=result["encoder_gflops"])
+        result["encode_windows_per_s"].update(result["encoder_gflops"][label]["encode_windows_per_s"])
+    main = result["encoder_gflops"]["vitl" if vitl is not None else "tiny"]
+    result["encoder_gflops"]["value"] = max(v["gflops"] for p, v in main.items() if p in DTYPES or p == "half")
 
     record("cem_ms_per_step", measure_cem, device, peak, quick)
     record("train_epoch", measure_training, device, quick)
     if not quick and not is_cuda(device):
         record("memory", measure_memory)
 
-    text = (f"Device: {out['device']} (GL_RENDERER: {out['gl_renderer']}), torch {out['torch']}. "
-            f"Made by `{out['command']}`.\n\n{md_table(['measure', 'result', 'ratio'], rows)}\n")
+    text = (f"Device: {result['device']} (GL_RENDERER: {result['gl_renderer']}), torch {result['torch']}. "
+            f"Made by `{result['command']}`.\n\n{md_table(['measure', 'result', 'ratio'], rows)}\n")
     os.makedirs(folder, exist_ok=True)
-    save_json(os.path.join(folder, "bench.json"), out)
+    save_json(os.path.join(folder, "bench.json"), result)
     with atomic_path(os.path.join(folder, "bench.md")) as tmp, open(tmp, "w") as f:
         f.write(text)
     print(text + f"bench: wrote {os.path.join(folder, 'bench.json')} and bench.md")
