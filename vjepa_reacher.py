@@ -63,7 +63,7 @@ MAX_STEPS = 1000  # reacher-easy's own time limit: 20 s at 0.02 s per control st
 IMAGENET_MEAN = (0.485, 0.456, 0.406)  # V-JEPA 2 was pretrained with ImageNet normalisation
 IMAGENET_STD = (0.229, 0.224, 0.225)
 LEAN_RENDER = dict(shadow=False, reflection=False, skybox=False)  # 2.3x faster, same arm and target
-STATE_NAMES = ["sin_q0", "sin_q1", "cos_q0", "cos_q1", "qvel0", "qvel1", "finger_x", "finger_y", "target_x", "target_y"]
+STATE_NAMES = ("sin_q0", "sin_q1", "cos_q0", "cos_q1", "qvel0", "qvel1", "finger_x", "finger_y", "target_x", "target_y")
 SUCCESS_RADIUS = 0.06  # reward 1 inside target radius 0.05 + finger radius 0.01 (reacher-easy)
 # Episode seeds (each one fixes reacher's target and arm start), one table; see `episode_seeds`.
 # Held-out episodes are the same for every --seed, so training seeds are compared on paired episodes;
@@ -88,24 +88,22 @@ class UserError(Exception):
 # They come first, as CleanRL's Args do, so that --help and a bad option answer at once,
 # before torch loads. Defaults are ours; `--recipe seed` fills every knob that differs from the
 # seed's published code with the seed's value (each help line gives both, and README.md why).
-def number(cast, what, low, high=math.inf, strict=False):
-    """An argparse type: a finite int or float (`cast`) in [low, high], or (low, high] when strict."""
-    def parse(s):
-        try:
-            v = cast(s)
-        except ValueError:
-            v = math.nan
-        if not (math.isfinite(v) and (v > low if strict else v >= low) and v <= high):
-            raise argparse.ArgumentTypeError(f"expected {what}, got {s!r}")
-        return v
-    return parse
+def number(s, cast, what, low, high=math.inf, strict=False):
+    """An argparse type (with partial): a finite int or float (`cast`) in [low, high], or (low, high] if strict."""
+    try:
+        v = cast(s)
+    except ValueError:
+        v = math.nan
+    if not (math.isfinite(v) and (v > low if strict else v >= low) and v <= high):
+        raise argparse.ArgumentTypeError(f"expected {what}, got {s!r}")
+    return v
 
 
-positive_int = number(int, "an integer > 0", 0, strict=True)
-nonneg_float = number(float, "a finite number >= 0", 0)
-positive_float = number(float, "a finite number > 0", 0, strict=True)
-unit_float = number(float, "a number in [0, 1]", 0, 1)
-seed_int = number(int, f"an integer in [0, 2**31 - 1 = {MAX_SEED}]", 0, MAX_SEED)
+positive_int = partial(number, cast=int, what="an integer > 0", low=0, strict=True)
+nonneg_float = partial(number, cast=float, what="a finite number >= 0", low=0)
+positive_float = partial(number, cast=float, what="a finite number > 0", low=0, strict=True)
+unit_float = partial(number, cast=float, what="a number in [0, 1]", low=0, high=1)
+seed_int = partial(number, cast=int, what=f"an integer in [0, 2**31 - 1 = {MAX_SEED}]", low=0, high=MAX_SEED)
 
 
 def shard_spec(s):
@@ -621,7 +619,9 @@ class EnvWorkers(EnvPool):
             proc = ctx.Process(target=env_worker, args=(child, size, frame_size, lean, expert,
                                                         shm.name if shm else None), daemon=True)
             proc.start()
-            self.shms.append(shm), self.conns.append(parent), self.procs.append(proc)
+            self.shms.append(shm)
+            self.conns.append(parent)
+            self.procs.append(proc)
         self.renderers = [c.recv() for c in self.conns]
         self.starts = np.cumsum([0] + self.sizes)
 
@@ -673,7 +673,8 @@ class EnvWorkers(EnvPool):
             proc.join(timeout=10)
         for shm in self.shms:
             if shm:
-                shm.close(), shm.unlink()
+                shm.close()
+                shm.unlink()
 
 
 def render_workers(requested):
@@ -918,7 +919,7 @@ def print_estimate(encoder, n_windows, batch_size):
     if rate is None:
         size = encoder.frame_size
         window = np.zeros((min(2, batch_size), WINDOW, size, size, 3), np.uint8)
-        encode(encoder, window[:1])  # warm-up: the first call pays for allocation and kernel selection
+        encode(encoder, window)  # warm-up at the timed shape: after a batch-1 one, an H200 guessed 19x too slow
         t0 = time.perf_counter()
         encode(encoder, window)
         rate, source = len(window) / (time.perf_counter() - t0), "one timed batch"
@@ -981,9 +982,6 @@ class Encodings:
         if isinstance(self.z[key], concurrent.futures.Future):
             self.z[key] = self.z[key].result()
         return self.z[key]
-
-    def clear(self):
-        self.z.clear(), self.waiting.clear()
 
     def close(self):
         if self.pool is not None:
@@ -1054,13 +1052,13 @@ def run_episodes(seeds, policy, encoder, envs, steps, needs_z=True, keep_z=False
     final_distance, and z (T+1, D) if keep_z, frames (T+1, H, W, 3) if among the first keep_frames; T is
     steps // action_repeat.
     """
-    encodings = Encodings(encoder, batch_size, wanted=needs_z or keep_z)
     bar, results, T = Progress(len(seeds) * steps, desc), [], steps // action_repeat
     on_episode = on_episode or results.append
     for start in range(0, len(seeds), envs.n):
         chunk = [int(s) for s in seeds[start:start + envs.n]]
         rollouts = Rollouts(chunk, envs.reset(chunk), "frame" if encoder.pixels else "state", T, keep_frames - start)
         noise = [np.random.default_rng([noise_seed, s]) for s in chunk]
+        encodings = Encodings(encoder, batch_size, wanted=needs_z or keep_z)  # one per chunk, keyed (t, group)
         # Two groups of envs when encoding overlaps: one group's windows encode while the other one steps.
         groups = envs.groups(len(chunk)) if encodings.overlap else [np.arange(len(chunk))]
         for gi, g in enumerate(groups):
@@ -1077,9 +1075,8 @@ def run_episodes(seeds, policy, encoder, envs, steps, needs_z=True, keep_z=False
             for j, i in enumerate(g):
                 z = np.stack([encodings.get((t, gi))[j] for t in range(T + 1)]) if keep_z else None
                 on_episode(rollouts.episode(i, z))
-        encodings.clear()
+        encodings.close()
     bar.close()
-    encodings.close()
     return results
 
 
@@ -1232,9 +1229,8 @@ def check_shards(shard_dirs, out_dir):
     missing = sorted(set(range(total)) - set(found))
     if missing:
         raise UserError(f"missing shards {missing} of {total} for {out_dir}: run `collect --shard i/{total}` for them")
-    keys = ("encoder", "expert", "epsilon", "steps", "dtype", "render")
     for m, d in zip(metas, shard_dirs):
-        for k in keys:
+        for k in ("encoder", "expert", "epsilon", "steps", "dtype", "render"):
             if m.get(k) != metas[0].get(k):
                 raise UserError(f"shard {d} has {k}={m.get(k)} but {shard_dirs[0]} has {metas[0].get(k)}; "
                                 "shards must match")
@@ -2265,7 +2261,8 @@ def plot_dynamics(plt, results, enc):
     axes[0].set(xlabel="epoch", ylabel="val loss (k-step models: their k-step loss)", yscale="log",
                 title=f"Dynamics validation loss ({enc})")
     axes[1].set(xlabel="k (open-loop steps)", ylabel="L2 error (model space)", title=f"k-step prediction error ({enc})")
-    axes[0].legend(fontsize=7), axes[1].legend(fontsize=7)
+    for ax in axes:
+        ax.legend(fontsize=7)
     return fig
 
 
@@ -2281,7 +2278,8 @@ def plot_plan(plt, results, enc):
     axes[1].axhline(SUCCESS_RADIUS, color="k", ls="--", lw=1, label=f"success radius {SUCCESS_RADIUS} m")
     axes[0].set(xlabel="step", ylabel="||z - z_goal||", title=f"Latent distance under MPC ({enc})")
     axes[1].set(xlabel="step", ylabel="finger-target distance (m)", title=f"Finger distance under MPC ({enc})")
-    axes[0].legend(fontsize=7), axes[1].legend(fontsize=7)
+    for ax in axes:
+        ax.legend(fontsize=7)
     return fig
 
 
@@ -2314,7 +2312,8 @@ def plot_rl(plt, results, enc):
         axes[1].plot([c["step"] for c in curve], [100 * c["success"] for c in curve], marker="o", label=label)
     axes[0].set(xlabel="environment steps", ylabel="return", title=f"SAC learning curve ({enc})")
     axes[1].set(xlabel="environment steps", ylabel="final-step success %", ylim=(0, 105), title=f"SAC success ({enc})")
-    axes[0].legend(), axes[1].legend()
+    for ax in axes:
+        ax.legend()
     return fig
 
 
@@ -2664,7 +2663,8 @@ def clear_plans(out, model_name):
     plans = load_json(path)
     stale = [c for c in plans["plan"] if c.split("/")[1] == model_name]
     for c in stale:
-        plans["plan"].pop(c), plans["plan_traces"].pop(c, None)
+        del plans["plan"][c]
+        plans["plan_traces"].pop(c, None)
     if stale:
         save_json(path, plans)
         print(f"dynamics: cleared plan results {', '.join(stale)} (made with the old {model_name}); re-run `plan`")
