@@ -432,7 +432,8 @@ def measure_cem(device, peak, quick):
         figures[f"{p}_ms"] = s * 1000
         figures[f"{p}_floor_ms"] = flops / peak[p] / 1e6
     low = low_precision(device)
-    figures[f"{low}_first_action_abs_diff"] = float((results["fp32"][0][:, 0] - results[low][0][:, 0]).abs().max())
+    (best_fp32, _, _), (best_low, _, _) = results["fp32"], results[low]  # cem returns (best, mean, std)
+    figures[f"{low}_first_action_abs_diff"] = float((best_fp32[:, 0] - best_low[:, 0]).abs().max())
     row = [f"CEM step, {episodes} episode(s) x {samples} x {horizon} x {iterations} on the mlp, fp32 / {low} (ms)",
            slash(figures[f"{p}_ms"] for p in seconds),
            f"floor {slash(figures[f'{p}_floor_ms'] for p in seconds)} ms"]

@@ -639,16 +639,16 @@ class EnvWorkers(EnvPool):
 
     def _gather(self, sent):
         """Each worker's reply: frames from its shared memory, the rest through its pipe, joined in order."""
-        parts = []
+        observations, rewards = [], []
         for w, count in sent:
-            obs, rewards = self.conns[w].recv()
+            obs, reward = self.conns[w].recv()
             if self.frame_size:
                 size = self.frame_size
                 obs["frame"] = np.ndarray((self.sizes[w], size, size, 3), np.uint8, self.shms[w].buf)[:count].copy()
-            parts.append((obs, rewards))
-        obs = {k: np.concatenate([p[0][k] for p in parts]) for k in parts[0][0]}
-        rewards = None if parts[0][1] is None else np.concatenate([p[1] for p in parts])
-        return obs, rewards
+            observations.append(obs)
+            rewards.append(reward)
+        obs = {k: np.concatenate([o[k] for o in observations]) for k in observations[0]}
+        return obs, None if rewards[0] is None else np.concatenate(rewards)  # reset has no rewards
 
     def reset(self, seeds):
         return self._gather(self._send("reset", np.asarray(seeds), np.arange(len(seeds))))[0]
@@ -2067,9 +2067,8 @@ def ridge_probe(X, Y, episode, folds=4, lams=(1e-2, 1e-1, 1, 10, 100, 1e3, 1e4))
 
 def probe_targets_by_episode(states):
     """states (E, T+1, S) -> targets flattened to rows, velocities computed within each episode."""
-    parts = [probe_targets(s) for s in states]
-    targets = {k: np.concatenate([p[0][k] for p in parts]) for k in parts[0][0]}
-    return targets, np.concatenate([p[1] for p in parts])
+    targets, speeds = zip(*[probe_targets(s) for s in states])
+    return {k: np.concatenate([t[k] for t in targets]) for k in targets[0]}, np.concatenate(speeds)
 
 
 def probe_embeddings(z, states, min_speed=1e-3):
