@@ -959,17 +959,14 @@ class Encodings:
     """Batches of windows encoded on one worker thread while the caller steps other envs (torch releases the
     GIL): put(key, windows (B, 8, ...)) starts one, get(key) waits for its (B, D). At most `backlog` batches
     wait, so a policy that never reads z (an expert) runs at most that far ahead of the encoder. `state`
-    encodes inside put; wanted=False encodes nothing."""
+    (no pixels) encodes inside put."""
 
-    def __init__(self, encoder, batch_size, wanted=True, backlog=4):
-        self.encoder, self.batch_size, self.wanted, self.backlog = encoder, batch_size, wanted, backlog
-        self.overlap = wanted and encoder.pixels
-        self.pool = concurrent.futures.ThreadPoolExecutor(1) if self.overlap else None
+    def __init__(self, encoder, batch_size, backlog=4):
+        self.encoder, self.batch_size, self.backlog = encoder, batch_size, backlog
+        self.pool = concurrent.futures.ThreadPoolExecutor(1) if encoder.pixels else None
         self.z, self.waiting = {}, collections.deque()
 
     def put(self, key, windows):
-        if not self.wanted:
-            return
         if self.pool is None:
             self.z[key] = encode_batched(self.encoder, windows, self.batch_size)
             return
@@ -1058,24 +1055,27 @@ def run_episodes(seeds, policy, encoder, envs, steps, needs_z=True, keep_z=False
         chunk = [int(s) for s in seeds[start:start + envs.n]]
         rollouts = Rollouts(chunk, envs.reset(chunk), "frame" if encoder.pixels else "state", T, keep_frames - start)
         noise = [np.random.default_rng([noise_seed, s]) for s in chunk]
-        encodings = Encodings(encoder, batch_size, wanted=needs_z or keep_z)  # one per chunk, keyed (t, group)
+        encodings = Encodings(encoder, batch_size) if needs_z or keep_z else None  # one per chunk, keyed (t, group)
         # Two groups of envs when encoding overlaps: one group's windows encode while the other one steps.
-        groups = envs.groups(len(chunk)) if encodings.overlap else [np.arange(len(chunk))]
+        groups = envs.groups(len(chunk)) if encodings and encodings.pool else [np.arange(len(chunk))]
         for gi, g in enumerate(groups):
-            encodings.put((0, gi), rollouts.window_batch(g, window_form))
+            if encodings:
+                encodings.put((0, gi), rollouts.window_batch(g, window_form))
         for t in range(T):
             for gi, g in enumerate(groups):
                 z = encodings.get((t, gi)) if needs_z else None
                 actions = epsilon_greedy(policy(z, rollouts.view(g)), [noise[i] for i in g], epsilon)
                 obs, rewards = envs.step(actions, g, action_repeat)
                 rollouts.save(g, t, actions, rewards, obs)
-                encodings.put((t + 1, gi), rollouts.window_batch(g, window_form))
+                if keep_z or (needs_z and t + 1 < T):  # the window after the last step only when it is kept
+                    encodings.put((t + 1, gi), rollouts.window_batch(g, window_form))
             bar.update(len(chunk) * action_repeat)
         for gi, g in enumerate(groups):
             for j, i in enumerate(g):
                 z = np.stack([encodings.get((t, gi))[j] for t in range(T + 1)]) if keep_z else None
                 on_episode(rollouts.episode(i, z))
-        encodings.close()
+        if encodings:
+            encodings.close()
     bar.close()
     return results
 
