@@ -1,0 +1,530 @@
+"""Tables, plots, GIFs and report.md from a run folder's JSON files; nothing here runs a model.
+
+Every table is one function that takes the results dict and returns markdown, so a stage prints exactly the
+table its report shows. `write_report(out)` rebuilds results.json, the PNG plots and report.md from the files
+in a run folder; `aggregate_seeds(out, seeds)` writes the table across training seeds. The file also holds the
+plumbing every writer shares: atomic writes, JSON, the one-line UserError, and the 95% intervals.
+It imports nothing from vjepa_reacher.py (which imports it), so it can be copied alone.
+"""
+import contextlib
+import glob
+import json
+import math
+import os
+import tempfile
+
+import numpy as np
+
+SUCCESS_RADIUS = 0.06  # reacher-easy: reward 1 inside target radius 0.05 + finger radius 0.01
+
+
+class UserError(Exception):
+    """A problem the user can fix: printed as one line, never as a traceback."""
+
+
+# The seed's published figures, shown beside ours in every report.
+SEED_PHASE1 = {"bc": dict(success=0.20, reward=66.4), "p": dict(success=0.20, reward=67.6),
+               "random": dict(success=0.02, reward=0.0)}
+SEED_PHASE4 = {  # the seed's Phase 4 table: one 200-step episode each (random shooting: 100 steps)
+    "random/mlp": dict(reward=0.0),
+    "cem/mlp": dict(params="~1.2M", val_loss="~0.01", min_dist=7.80, improvement=0.413, reward=6.0),
+    "cem/mlp_rollout5": dict(min_dist=9.55, improvement=0.314, reward=0.0),
+    "cem/resblock": dict(params="10.5M", val_loss="0.0137", min_dist=9.22, improvement=0.115, reward=0.0),
+}
+
+# ---- Plumbing: atomic writes and JSON --------------------------------------------------------------------------------
+@contextlib.contextmanager
+def atomic_path(path):
+    """Yield a temp path beside `path`; rename it onto `path` only if the block finishes."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix="-" + os.path.basename(path))  # keeps the extension
+    os.close(fd)
+    umask = os.umask(0o022)  # read the umask (and put it back): files get the mode a plain open() would give
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def save_json(path, obj):
+    with atomic_path(path) as tmp, open(tmp, "w") as f:
+        json.dump(obj, f, indent=1, default=float)
+
+
+def write_text(path, text):
+    with atomic_path(path) as tmp, open(tmp, "w") as f:
+        f.write(text)
+
+
+def load_json(path, made_by=None):
+    if not os.path.exists(path):
+        raise UserError(f"missing {path}" + (f": run the `{made_by}` stage first" if made_by else ""))
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{path} is corrupted ({e}); delete it and re-run the stage that made it")
+
+
+# ---- Statistics ------------------------------------------------------------------------------------------------------
+def wilson(k, n, z=1.96):
+    """95% Wilson score interval for k successes in n trials."""
+    if n == 0:
+        return (0.0, 1.0)
+    p = k / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return (max(0.0, centre - half), min(1.0, centre + half))
+
+
+def mean_ci(x):
+    """Mean and 95% normal-approximation half-width."""
+    x = np.asarray(x, dtype=np.float64)
+    half = 1.96 * x.std(ddof=1) / math.sqrt(len(x)) if len(x) > 1 else 0.0
+    return float(x.mean()), float(half)
+
+
+T_975 = {1: 12.71, 2: 4.30, 3: 3.18, 4: 2.78, 5: 2.57, 6: 2.45, 7: 2.36, 8: 2.31, 9: 2.26}  # Student t, 2-sided 95%
+
+
+def across_seeds(values):
+    """Mean and 95% t-interval half-width of per-seed values."""
+    x = np.asarray(values, dtype=np.float64)
+    if len(x) < 2:
+        return float(x.mean()), float("nan")
+    return float(x.mean()), float(T_975.get(len(x) - 1, 1.96) * x.std(ddof=1) / math.sqrt(len(x)))
+
+
+def fisher_exact(k1, n1, k2, n2):
+    """Two-sided Fisher exact test of k1 successes in n1 against k2 in n2: the total probability, with both margins
+    fixed, of every table no more likely than the observed one (the hypergeometric point probabilities)."""
+    k, n = k1 + k2, n1 + n2
+    prob = {i: math.comb(k, i) * math.comb(n - k, n1 - i) / math.comb(n, n1)
+            for i in range(max(0, k - n2), min(k, n1) + 1)}
+    return min(1.0, sum(p for p in prob.values() if p <= prob[k1] * (1 + 1e-9)))
+
+def episode_metrics(episodes, steps):
+    """success: reward 1 at the last step (finger inside target). seed_success: return > 150 per 200 steps."""
+    n = len(episodes)
+    final_reward = np.array([e["rewards"][-1] for e in episodes])
+    returns = np.array([e["rewards"].sum() for e in episodes])
+    success = int((final_reward >= 1.0).sum())
+    seed_success = int((returns > 150.0 * steps / 200).sum())  # seed: return > 150 over 200 steps
+    return {"n": n, "success": success / n, "success_ci": wilson(success, n),
+            "seed_success": seed_success / n, "seed_success_ci": wilson(seed_success, n),
+            "return": float(returns.mean()), "return_ci": mean_ci(returns)[1],
+            "final_distance": float(np.mean([e["final_distance"] for e in episodes]))}
+
+
+def plan_metrics(eps, steps, seconds, goals):
+    """Success, return and the finger-to-target distance in metres (initial, final, closest; mean and 95% half-width
+    over episodes): one space for every encoder and model, where latent distances are not comparable."""
+    finger = np.stack([ep["distances"] for ep in eps])
+    m = dict(episode_metrics(eps, steps), steps=steps, ms_per_action=1000 * seconds / (steps * len(eps)),
+             goal_distance=float(np.mean([g["distance"] for g in goals])))  # the goal's own finger distance
+    for key, x in (("initial", finger[:, 0]), ("final", finger[:, -1]), ("min", finger.min(1))):
+        m[f"{key}_distance"], m[f"{key}_distance_ci"] = mean_ci(x)
+    m["episodes"] = [{"seed": ep["seed"], "success": bool(ep["rewards"][-1] >= 1), "return": float(ep["rewards"].sum()),
+                      "final_distance": ep["final_distance"], "min_distance": float(d.min())}
+                     for ep, d in zip(eps, finger)]
+    return m, {"finger": finger.tolist()}
+
+
+def ridge_fit(X, Y, lam):
+    """Closed-form ridge with an unpenalised bias: W = (X^T X + lam I)^-1 X^T Y on centred X, Y."""
+    mx, my = X.mean(0), Y.mean(0)
+    Xc = X - mx
+    W = np.linalg.solve(Xc.T @ Xc + lam * np.eye(X.shape[1]), Xc.T @ (Y - my))
+    return W, my - mx @ W
+
+
+def r2(Y, P):
+    """R^2 averaged over columns; 0 for predicting the mean, negative for worse."""
+    ss_res = ((Y - P) ** 2).sum(0)
+    ss_tot = ((Y - Y.mean(0)) ** 2).sum(0) + 1e-12
+    return float(np.mean(1 - ss_res / ss_tot))
+
+
+def ridge_probe(X, Y, episode, folds=4, lams=(1e-2, 1e-1, 1, 10, 100, 1e3, 1e4)):
+    """Episode-wise k-fold ridge: every row is predicted by a probe fit on the other folds' episodes.
+
+    Returns the pooled out-of-fold R^2 for the best lambda. Pooling over all episodes matters for
+    targets that are constant within an episode (target xy): one held-out episode has no variance.
+    """
+    fold = episode % folds
+    best = -np.inf
+    for lam in lams:
+        P = np.zeros_like(Y)
+        for f in np.unique(fold):
+            tr, te = fold != f, fold == f
+            if not tr.any():  # one episode: nothing to hold out
+                return float("nan")
+            mu, sd = X[tr].mean(0), X[tr].std(0) + 1e-6
+            W, b = ridge_fit((X[tr] - mu) / sd, Y[tr], lam)
+            P[te] = (X[te] - mu) / sd @ W + b
+        best = max(best, r2(Y, P))
+    return float(best)
+
+
+# ---- Report ----------------------------------------------------------------------------------------------------------
+# results.json, report.md, plots and GIFs, rebuilt from the run folder alone. Each table is one
+# function, printed by its stage and joined by write_report.
+def fmt_rate(m, key="success"):
+    lo, hi = m[f"{key}_ci"]
+    return f"{m[key] * 100:.0f}% [{lo * 100:.0f}, {hi * 100:.0f}]"
+
+
+def md_table(header, rows):
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return "\n".join(lines + ["| " + " | ".join(str(c) for c in r) + " |" for r in rows])
+
+
+def seed_figure(name):
+    s = SEED_PHASE1.get(name)
+    return f"{s['success'] * 100:.0f}% / {s['reward']}" if s else ""
+
+
+def phase1_table(results, steps):
+    """Experts, BC, RL and random on the same `steps`-step evaluation episodes, beside the seed's figures."""
+    conditions = [(f"expert `{k}`", k, v) for k, v in results.get("experts", {}).items()]
+    conditions += [(k, k, v) for k, v in results.get("eval", {}).items()]
+    rows = [[label, fmt_rate(v), fmt_rate(v, "seed_success"), f"{v['return']:.1f}", f"{v['final_distance']:.3f}",
+             v["n"], seed_figure(key)] for label, key, v in conditions]
+    return (f"Phase 1: live evaluation, {steps}-step episodes (encoder `{results['encoder']['id']}`)\n\n" +
+            md_table(["condition", "success [95% CI]", "seed_success", f"mean return ({steps} steps)",
+                      "final dist (m)", "n", "seed's figure (success / return, 200 steps)"], rows))
+
+
+def bc_line(results):
+    b = results["bc"]
+    return (f"BC MLP: {b['params']:,} parameters; kept epoch {b['kept_epoch'] + 1} of {b['epochs']}: train MSE "
+            f"{b['train_mse']:.5f}, val MSE {b['val_mse']:.5f} ({b['split']} split; seed: 279,490, 0.0001 / 0.0002).")
+
+
+def every_third(errors):
+    return " ".join(f"{x:.3f}" for x in errors[:10:3])
+
+
+def dynamics_table(results):
+    rows = [[k, f"{d['params']:,}", d["epochs"], f"{d['val_loss']:.5f}" + (" (k-step)" if d["rollout"] > 1 else ""),
+             every_third(d["kstep_error"]), every_third(d["kstep_copy"])]
+            for k, d in results["dynamics"].items()]
+    return md_table(["model", "params", "epochs", "best val SmoothL1", "k-step error k=1,4,7,10",
+                     "copy-z_t baseline"], rows)
+
+
+def plan_table(results, steps):
+    """Phase 4 per planner/model: success, return and finger distances in metres, beside the seed's figures."""
+    rows = []
+    for k, p in results["plan"].items():
+        s = SEED_PHASE4.get(k, {})
+        seed = f"{s.get('min_dist', '-')} / {s.get('improvement', '-')} / {s.get('reward', '')}"
+        rows.append([k, fmt_rate(p), p.get("steps", steps), f"{p['return']:.1f}", f"{p['initial_distance']:.3f}",
+                     f"{p['final_distance']:.3f} ± {p['final_distance_ci']:.3f}", f"{p['min_distance']:.3f}",
+                     f"{p['ms_per_action']:.0f}", p["n"], seed])
+    return (f"Phase 4: latent MPC (encoder `{results['encoder']['id']}`)\n\n" +
+            md_table(["planner/model", "success", "steps", "return", "initial dist (m)", "final dist (m)",
+                      "closest (m)", "ms/action", "n", "seed: latent min dist / improvement / reward (1 episode)"],
+                     rows))
+
+
+def probe_table(results):
+    cols = [c for c in results["probe"] if results["probe"][c]]
+    names = list(results["probe"][cols[0]])
+    return md_table(["target"] + cols, [[n] + [f"{results['probe'][c][n]:.2f}" for c in cols] for n in names])
+
+
+def rl_section(results):
+    """The RL table: budget, cost and final success of each variant (its row is also in the Phase 1 table)."""
+    rl, rows = results["rl"], []
+    for name, info in rl["runs"].items():
+        m = rl["eval"][name]
+        rows.append([name, f"{info['env_steps']:,}", f"{info['updates']:,}", f"{info['seconds']:.0f}", fmt_rate(m),
+                     f"{m['return']:.1f}", m["n"]])
+    return (f"### SAC on frozen embeddings (encoder `{results['encoder']['id']}`, standardised with "
+            f"{rl['standardisation']})\n\n" +
+            md_table(["variant", "env steps", "updates", "wall s", "final success [95% CI]", "return", "n"], rows) +
+            "\n\nLearning curve (rl.json's `curve`): ![SAC learning curve](rl_curve.png)")
+
+
+def gif(path, frames, captions, goal=None):
+    """Frames (T, H, W, 3) -> GIF with a caption on a dark band; the goal frame beside each one."""
+    from PIL import Image, ImageDraw, ImageFont
+    try:
+        font = ImageFont.load_default(size=max(12, frames.shape[1] // 18))
+    except TypeError:  # Pillow < 10.1 has one fixed-size bitmap font
+        font = ImageFont.load_default()
+    images = []
+    for f, text in zip(frames, captions):
+        img = np.concatenate([f, goal], 1) if goal is not None else f
+        im = Image.fromarray(img)
+        draw = ImageDraw.Draw(im)
+        band = font.getbbox("Ag")[3] + 8
+        draw.rectangle((0, 0, im.width, band), fill=(0, 0, 0))
+        draw.text((4, 4), text, fill=(255, 255, 255), font=font)
+        if goal is not None:
+            draw.text((f.shape[1] + 4, 4), "goal", fill=(255, 255, 255), font=font)
+        images.append(im)
+    with atomic_path(path) as tmp:
+        images[0].save(tmp, format="GIF", save_all=True, append_images=images[1:], duration=60, loop=0)
+
+
+def save_rollout_gif(path, ep, title, goal=None):
+    """An episode's frames captioned with its finger-to-target distance (ep["distances"], metres) at each step."""
+    d = ep["distances"]
+    gif(path, ep["frames"], [f"{title}  step {t}  dist {d[t]:.3f} m" for t in range(len(ep["frames"]))], goal)
+
+
+def evaluated(results):
+    """Every condition a run evaluated live, by name: experts, BC, RL, random and the MPC planners."""
+    named = {f"expert {k}": v for k, v in results.get("experts", {}).items()}
+    named.update(results.get("eval", {}))
+    named.update({f"MPC {k}": v for k, v in results.get("plan", {}).items()})
+    return named
+
+
+def plot_success(plt, results, enc):
+    conditions = evaluated(results)
+    if not conditions:
+        return None
+    fig, ax = plt.subplots(figsize=(max(5, 1.1 * len(conditions)), 3.2))
+    names = list(conditions)
+    rates = np.array([conditions[n]["success"] for n in names])
+    ci = np.array([conditions[n]["success_ci"] for n in names]).T
+    ax.bar(names, rates * 100, yerr=np.abs(ci - rates) * 100, capsize=4)
+    ax.set(ylabel="final-step success %", ylim=(0, 105), title=f"Success with 95% Wilson CI ({enc})")
+    ax.tick_params(axis="x", rotation=30)
+    return fig
+
+
+def plot_dynamics(plt, results, enc):
+    if "dynamics" not in results:
+        return None
+    fig, ax = plt.subplots(figsize=(6, 3.2))
+    for name, d in results["dynamics"].items():
+        ax.plot(range(1, len(d["kstep_error"]) + 1), d["kstep_error"], marker="o", label=name)
+    first = next(iter(results["dynamics"].values()))
+    ax.plot(range(1, len(first["kstep_copy"]) + 1), first["kstep_copy"], "k--", label="copy z_t")
+    ax.set(xlabel="k (open-loop steps)", ylabel="L2 error (model space)", title=f"k-step prediction error ({enc})")
+    ax.legend(fontsize=7)
+    return fig
+
+
+def plot_plan(plt, results, enc):
+    if not results.get("plan_traces"):
+        return None
+    fig, ax = plt.subplots(figsize=(6, 3.2))
+    for name, tr in results["plan_traces"].items():
+        x = np.array(tr["finger"])
+        ax.plot(x.mean(0), label=name)
+        ax.fill_between(range(x.shape[1]), x.mean(0) - x.std(0), x.mean(0) + x.std(0), alpha=0.15)
+    ax.axhline(SUCCESS_RADIUS, color="k", ls="--", lw=1, label=f"success radius {SUCCESS_RADIUS} m")
+    ax.set(xlabel="step", ylabel="finger-target distance (m)", title=f"Finger distance under MPC ({enc})")
+    ax.legend(fontsize=7)
+    return fig
+
+
+def plot_rl(plt, results, enc):
+    if "rl" not in results or not results["rl"].get("runs"):
+        return None
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.2))
+    for label, trained in results["rl"]["runs"].items():
+        curve = trained["curve"]
+        axes[0].plot([c["step"] for c in curve], [c["return"] for c in curve], marker="o", label=label)
+        axes[1].plot([c["step"] for c in curve], [100 * c["success"] for c in curve], marker="o", label=label)
+    axes[0].set(xlabel="environment steps", ylabel="return", title=f"SAC learning curve ({enc})")
+    axes[1].set(xlabel="environment steps", ylabel="final-step success %", ylim=(0, 105), title=f"SAC success ({enc})")
+    for ax in axes:
+        ax.legend()
+    return fig
+
+
+def make_plots(out, results):
+    """Write the PNG plots for whatever stages have run; returns their file names."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    enc, made = results["encoder"]["id"], []
+    for name, plot in (("success.png", plot_success), ("dynamics.png", plot_dynamics),
+                       ("plan_distance.png", plot_plan), ("rl_curve.png", plot_rl)):
+        fig = plot(plt, results, enc)
+        if fig is not None:
+            with atomic_path(os.path.join(out, name)) as tmp:
+                fig.savefig(tmp, format="png", dpi=90, bbox_inches="tight")
+            plt.close(fig)
+            made.append(name)
+    return made
+
+
+def collect_results(out):
+    """Assemble results.json from the stage outputs in the run folder."""
+    config = load_json(os.path.join(out, "config.json"), made_by="any stage")
+    timing = os.path.join(out, "timing.json")
+    results = {"config": config, "encoder": config.get("encoder_info", {"id": config["encoder"]}),
+               "timing": load_json(timing) if os.path.exists(timing) else {}}
+    for name, key in (("bc.json", "bc"), ("eval.json", None), ("rl.json", "rl"), ("dynamics.json", None),
+                      ("plan.json", None), ("probe.json", None)):
+        path = os.path.join(out, name)
+        if os.path.exists(path):
+            part = load_json(path)
+            if key is None and "steps" in part:  # each table's own episode length: eval_steps, plan_steps
+                part[f"{name[:-5]}_steps"] = part.pop("steps")
+            results.update({key: part} if key else part)
+    if "rl" in results and "eval" in results:  # SAC's final policies join the Phase 1 table
+        results["eval"].update(results["rl"]["eval"])
+    return results
+
+
+def encoder_note(enc):
+    if enc == "tiny":
+        return " (`tiny` is a random-weight VJEPA2 model: it tests the plumbing and is NOT V-JEPA 2)"
+    return " (`state` is the privileged-state oracle, not pixels)" if enc == "state" else ""
+
+
+def recipe_notes(cfg):
+    """The seed's own inconsistencies, stated as the seed's wherever --recipe seed reproduces them."""
+    notes = []
+    if cfg.get("mpc_obs") == "frame":
+        notes.append("MPC observations are the current frame repeated x8, not the sliding window the dynamics "
+                     "were trained on: the seed's code did this (mpc_planner.py), not a choice of ours.")
+    if cfg.get("plan_frame_size") != cfg.get("frame_size"):
+        notes.append(f"Goals and MPC observations are rendered at {cfg.get('plan_frame_size')} px while the data "
+                     f"were at {cfg.get('frame_size')} px, as in the seed's code (at 224 px V-JEPA 2's position "
+                     "layout no longer matches its 16x16 patch grid; the seed ran it so).")
+    if cfg.get("plan_precision") != cfg.get("precision"):
+        notes.append(f"The encoder runs at {cfg.get('precision')} for data and {cfg.get('plan_precision')} for MPC, "
+                     "as the seed's code did.")
+    if cfg.get("rs_goal") == "random-run":
+        notes.append("Random shooting's goal comes from a random run on another episode (another target), as "
+                     "the seed's code: its goal env's RNG moved on before the planned episode.")
+    if cfg.get("episode_seeds") == "seed":
+        notes.append("Demo and exploration data share episode seeds 0..N-1, as the seed's code; its epsilon "
+                     "draws were unseeded, ours are seeded.")
+    return notes
+
+
+def report_head(results, out):
+    """Title, recipe, the commands that made the run, and the seed's inconsistencies that the recipe reproduces."""
+    enc, cfg = results["encoder"]["id"], results["config"]
+    parts = [f"# vjepa-reacher report: encoder `{enc}`{encoder_note(enc)}", "",
+             f"Recipe `{cfg.get('recipe', 'ours')}`. Made by these commands, in order:", ""]
+    parts += [f"    {c}" for c in cfg.get("commands", [])]
+    parts += ["", f"Rebuild with `python vjepa_reacher.py report --out {out}`.", ""]
+    notes = recipe_notes(cfg)
+    if notes:
+        parts += ["The seed's inconsistencies, reproduced on purpose by `--recipe seed`:", ""]
+        parts += [f"- {n}" for n in notes] + [""]
+    return parts
+
+
+def report_phase1(results, plots):
+    """Phase 1 and SAC: live evaluation, BC, RL."""
+    enc, cfg, parts = results["encoder"]["id"], results["config"], []
+    if "eval" in results:
+        parts += ["## " + phase1_table(results, results.get("eval_steps", cfg["steps"])), "",
+                  "success: reward 1 at the last step. seed_success: return > 150 per 200 steps (the seed's own "
+                  "definition, scaled to the episode length). The seed's expert was the `p` controller; its random "
+                  "figure was '~2% / ~0'.", ""]
+    if "bc" in results:
+        parts += [bc_line(results), ""]
+    if "rl" in results:
+        parts += [rl_section(results), ""]
+    if "success.png" in plots:
+        parts += [f"![success rates, encoder {enc}](success.png)", ""]
+    return parts
+
+
+def report_phase4(results):
+    """Dynamics models, latent MPC and the probe."""
+    enc, cfg, parts = results["encoder"]["id"], results["config"], []
+    if "dynamics" in results:
+        parts += [f"## Phase 3/4c/4d: dynamics models (encoder `{enc}`)", "", dynamics_table(results), "",
+                  "Errors are L2 on validation episodes in one space for every model: latents standardised with the "
+                  "training episodes' statistics. A model below the copy "
+                  "baseline predicts motion; one at it has learned nothing. Seed: mlp ~1.2M params, val ~0.01; "
+                  "resblock 10.5M, val 0.0137.", "", f"![dynamics, encoder {enc}](dynamics.png)", ""]
+    if results.get("plan"):
+        parts += ["## " + plan_table(results, results.get("plan_steps", cfg["plan_steps"])), "",
+                  "Distances are the simulator's finger-to-target metres (mean ± 95% over episodes); success needs "
+                  f"< {SUCCESS_RADIUS} m. The seed's figures are ViT-L latent distances: not comparable.", "",
+                  f"![finger distance under MPC, encoder {enc}](plan_distance.png)", ""]
+    if "probe" in results:
+        parts += [f"## What the embedding knows: ridge probe R^2, 4-fold by episode (encoder `{enc}`)", "",
+                  probe_table(results), "",
+                  "Seed (V-JEPA 2 on its own video probe, not reacher): object XY R^2 0.86 vs random-init -0.11.", ""]
+    return parts
+
+
+def write_report(out):
+    """Rebuild results.json, the plots and report.md from the run folder; nothing is re-run."""
+    results = collect_results(out)
+    plots = make_plots(out, results)
+    parts = report_head(results, out) + report_phase1(results, plots) + report_phase4(results)
+    gifs = sorted(os.path.basename(g) for g in glob.glob(os.path.join(out, "*.gif")))
+    if gifs:
+        parts += ["## Rollouts", ""] + [f"![{g}]({g})" for g in gifs] + [""]
+    if results["timing"]:
+        parts += ["## Cost: wall time per stage on this machine", "",
+                  md_table(["stage", "seconds"], [[k, f"{v:.1f}"] for k, v in results["timing"].items()]), ""]
+    save_json(os.path.join(out, "results.json"), results)
+    write_text(os.path.join(out, "report.md"), "\n".join(parts))
+    return results
+
+
+# ---- Several training seeds: mean and 95% interval across seeds ------------------------------------------------------
+def headline(results):
+    """Every headline number of one run: {name: (success, n, return)} and probe R^2 values."""
+    numbers = {k: {"success": v["success"], "n": v["n"], "return": v["return"]} for k, v in evaluated(results).items()}
+    for target, r2_value in results.get("probe", {}).get("encoder", {}).items():
+        numbers[f"probe R^2 {target}"] = {"value": r2_value}
+    return numbers
+
+
+def seed_entry(values):
+    """One headline measure across seeds: per-seed values, mean, 95% t-interval; for a success rate also the
+    pooled Wilson interval over all episodes and the return's mean and interval."""
+    key = "value" if "value" in values[0] else "success"
+    mean, half = across_seeds([v[key] for v in values])
+    entry = {"per_seed": [v[key] for v in values], "mean": mean, "ci95_across_seeds": half}
+    if key == "success":
+        k = sum(round(v["success"] * v["n"]) for v in values)
+        entry["pooled_wilson"] = wilson(k, sum(v["n"] for v in values))
+        entry["return"] = dict(zip(("mean", "ci95_across_seeds"), across_seeds([v["return"] for v in values])))
+    return entry
+
+
+def seed_row(name, entry):
+    """A row of seeds.md: success rates in %, other measures (probe R^2) as they are."""
+    if "pooled_wilson" not in entry:
+        return [name, " ".join(f"{x:.2f}" for x in entry["per_seed"]),
+                f"{entry['mean']:.2f} ± {entry['ci95_across_seeds']:.2f}", "", ""]
+    lo, hi = entry["pooled_wilson"]
+    ret = entry["return"]
+    return [name, " ".join(f"{100 * x:.0f}" for x in entry["per_seed"]),
+            f"{100 * entry['mean']:.1f} ± {100 * entry['ci95_across_seeds']:.1f}", f"[{100 * lo:.0f}, {100 * hi:.0f}]",
+            f"{ret['mean']:.1f} ± {ret['ci95_across_seeds']:.1f}"]
+
+
+def aggregate_seeds(out, seeds):
+    """OUT/seeds.json and seeds.md from OUT/seed_S/results.json: per seed, mean ± 95% across seeds, and the
+    pooled Wilson interval over all episodes (evaluation episodes are shared, so seeds are paired)."""
+    per_seed = {s: headline(load_json(os.path.join(out, f"seed_{s}", "results.json"), made_by="report")) for s in seeds}
+    names = [k for k in per_seed[seeds[0]] if all(k in per_seed[s] for s in seeds)]
+    table = {name: seed_entry([per_seed[s][name] for s in seeds]) for name in names}
+    save_json(os.path.join(out, "seeds.json"), {"seeds": seeds, "headline": table, "per_seed": per_seed})
+    text = (f"Training seeds {seeds}; evaluation episodes shared across seeds. Success in %.\n\n" +
+            md_table(["measure", "per seed", "mean ± 95% across seeds", "pooled Wilson 95% (all episodes)",
+                      "return, mean ± 95%"], [seed_row(name, entry) for name, entry in table.items()]) + "\n")
+    write_text(os.path.join(out, "seeds.md"), text)
+    links = " ".join(f"[seed {s}](seed_{s}/report.md)" for s in seeds)
+    first = load_json(os.path.join(out, f"seed_{seeds[0]}", "config.json"))
+    commands = "".join(f"    {c}\n" for c in first["commands"])
+    write_text(os.path.join(out, "report.md"), f"# vjepa-reacher over training seeds\n\nMade by these commands, in "
+               f"order (the per-seed reports list their own):\n\n{commands}\n{text}\nPer seed: {links}\n")
+    print(text)
+
