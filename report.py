@@ -89,7 +89,8 @@ def mean_ci(x):
     return float(x.mean()), float(half)
 
 
-T_975 = {1: 12.71, 2: 4.30, 3: 3.18, 4: 2.78, 5: 2.57, 6: 2.45, 7: 2.36, 8: 2.31, 9: 2.26}  # Student t, 2-sided 95%
+T_975 = [12.71, 4.30, 3.18, 2.78, 2.57, 2.45, 2.36, 2.31, 2.26, 2.23, 2.20, 2.18, 2.16, 2.14, 2.13, 2.12, 2.11,
+         2.10, 2.09, 2.09, 2.08, 2.07, 2.07, 2.06, 2.06, 2.06, 2.05, 2.05, 2.05, 2.04]  # Student t, 2-sided 95%, df 1-30
 
 
 def across_seeds(values):
@@ -97,7 +98,7 @@ def across_seeds(values):
     x = np.asarray(values, dtype=np.float64)
     if len(x) < 2:
         return float(x.mean()), float("nan")
-    return float(x.mean()), float(T_975.get(len(x) - 1, 1.96) * x.std(ddof=1) / math.sqrt(len(x)))
+    return float(x.mean()), float(T_975[min(len(x), 31) - 2] * x.std(ddof=1) / math.sqrt(len(x)))
 
 
 def fisher_exact(k1, n1, k2, n2):
@@ -388,24 +389,18 @@ def encoder_note(enc):
 
 def recipe_notes(cfg):
     """The seed's own inconsistencies, stated as the seed's wherever --recipe seed reproduces them."""
-    notes = []
-    if cfg.get("mpc_obs") == "frame":
-        notes.append("MPC observations are the current frame repeated x8, not the sliding window the dynamics "
-                     "were trained on: the seed's code did this (mpc_planner.py), not a choice of ours.")
-    if cfg.get("plan_frame_size") != cfg.get("frame_size"):
-        notes.append(f"Goals and MPC observations are rendered at {cfg.get('plan_frame_size')} px while the data "
-                     f"were at {cfg.get('frame_size')} px, as in the seed's code (at 224 px V-JEPA 2's position "
-                     "layout no longer matches its 16x16 patch grid; the seed ran it so).")
-    if cfg.get("plan_precision") != cfg.get("precision"):
-        notes.append(f"The encoder runs at {cfg.get('precision')} for data and {cfg.get('plan_precision')} for MPC, "
-                     "as the seed's code did.")
-    if cfg.get("rs_goal") == "random-run":
-        notes.append("Random shooting's goal comes from a random run on another episode (another target), as "
-                     "the seed's code: its goal env's RNG moved on before the planned episode.")
-    if cfg.get("episode_seeds") == "seed":
-        notes.append("Demo and exploration data share episode seeds 0..N-1, as the seed's code; its epsilon "
-                     "draws were unseeded, ours are seeded.")
-    return notes
+    notes = {"MPC sees the current frame repeated x8, not the window its dynamics were trained on (mpc_planner.py).":
+             cfg.get("mpc_obs") == "frame",
+             f"Goals and MPC are rendered at {cfg.get('plan_frame_size')} px, the data at {cfg.get('frame_size')} px "
+             "(at 224 px V-JEPA 2's position layout no longer matches its patch grid).":
+             cfg.get("plan_frame_size") != cfg.get("frame_size"),
+             f"The encoder runs at {cfg.get('precision')} for data and {cfg.get('plan_precision')} for MPC.":
+             cfg.get("plan_precision") != cfg.get("precision"),
+             "Random shooting's goal comes from a random run on another episode, so another target.":
+             cfg.get("rs_goal") == "random-run",
+             "Demos and exploration share episode seeds 0..N-1 (the seed's epsilon draws were unseeded; ours are).":
+             cfg.get("episode_seeds") == "seed"}
+    return [note for note, applies in notes.items() if applies]
 
 
 def report_head(results, out):

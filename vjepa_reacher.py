@@ -54,16 +54,12 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 # ---- Constants ---------------------------------------------------------------------------------------------------
 WINDOW = 8  # seed: the last 8 frames form one V-JEPA 2 clip
 DEFAULT_ENCODER = "facebook/vjepa2-vitl-fpc64-256"
-HUB_HOST = re.sub(r"^\w+://|[:/].*$", "", os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
 MAX_STEPS = 1000  # reacher-easy's own time limit: 20 s at 0.02 s per control step
-IMAGENET_MEAN = (0.485, 0.456, 0.406)  # V-JEPA 2 was pretrained with ImageNet normalisation
-IMAGENET_STD = (0.229, 0.224, 0.225)
 LEAN_RENDER = dict(shadow=False, reflection=False, skybox=False)  # same arm and target, faster (bench.py)
 STATE_NAMES = ("sin_q0", "sin_q1", "cos_q0", "cos_q1", "qvel0", "qvel1", "finger_x", "finger_y", "target_x", "target_y")
 EXPLORE = ("p", 0.3)  # seed: Phase 2 exploration data, the P-controller with epsilon 0.3
-# Episode seeds (each one fixes reacher's target and arm start), one table; see `episode_seeds`.
-# Held-out episodes are the same for every --seed, so training seeds are compared on paired episodes;
-# they live below HELD_OUT_END, and training episodes never do.
+# Episode seeds (each fixes reacher's target and arm start; see `episode_seeds`). Held-out episodes live below
+# HELD_OUT_END, the same for every --seed, so training seeds are compared on paired episodes; training ones never do.
 HELD_OUT = {"eval": 5_000, "plan": 1_000_000, "probe": 2_000_000, "goal": 3_000_000}  # seed: eval on 5000-5099
 HELD_OUT_END = 2 ** 24
 TRAINING = {"collect": 0, "explore": 1, "rl": 2}  # stage ids for np.random.SeedSequence([--seed, id])
@@ -501,7 +497,8 @@ def load_pretrained(name_or_path):
             break  # a folder has nothing more to fetch; HF_HUB_OFFLINE says not to try
         try:
             if not local:
-                socket.create_connection((HUB_HOST, 443), timeout=3.0).close()
+                host = re.sub(r"^\w+://|[:/].*$", "", os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+                socket.create_connection((host, 443), timeout=3.0).close()
             return VJEPA2Model.from_pretrained(name_or_path, attn_implementation="sdpa", local_files_only=local)
         except (OSError, ValueError) as e:
             why = "the Hub is unreachable" if isinstance(e, OSError) and not local else str(e).splitlines()[0][:120]
@@ -526,8 +523,8 @@ def preprocess(windows, dtype):
     """uint8 (B, 8, H, W, 3) -> (B, 8, 3, H, W) in ImageNet mean/std: two in-place passes, channels-last, then a
     permuted view, since (x / 255 - mean) / std = x / (255 std) - mean / std; in bf16 if the encoder runs so."""
     x = windows.to(dtype)
-    mean = torch.tensor(IMAGENET_MEAN, device=x.device)
-    std = torch.tensor(IMAGENET_STD, device=x.device)
+    mean = torch.tensor((0.485, 0.456, 0.406), device=x.device)  # ImageNet's: V-JEPA 2 was pretrained with them
+    std = torch.tensor((0.229, 0.224, 0.225), device=x.device)
     x.mul_((1 / (255 * std)).to(dtype)).sub_((mean / std).to(dtype))
     return x.permute(0, 1, 4, 2, 3)
 
@@ -539,7 +536,7 @@ def encode(encoder, windows):
     'full', as the seed: same embedding); z = the mean over tokens of last_hidden_state. `state`: the last row of
     (B, 8, S). Form 'frame': the newest frame stands for the whole window (the seed's MPC)."""
     windows = torch.as_tensor(windows).to(encoder.device, non_blocking=True)
-    want = (WINDOW, encoder.frame_size, encoder.frame_size, 3) if encoder.pixels else (WINDOW, len(STATE_NAMES))
+    want = (WINDOW, encoder.frame_size, encoder.frame_size, 3) if encoder.pixels else (WINDOW, encoder.dim)
     if tuple(windows.shape[1:]) != want or (encoder.pixels and windows.dtype != torch.uint8):  # one clear error
         kind = "uint8 windows" if encoder.pixels else "windows"
         raise UserError(f"encode: expected a batch of {kind} (B, {', '.join(map(str, want))}), got "
@@ -550,11 +547,11 @@ def encode(encoder, windows):
         return windows[:, -1].float()
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "half": torch.float16}.get(encoder.precision)
     autocast = dtype is not None and encoder.precision != "half"  # half: the weights are fp16 already
-    run = encoder.model if encoder.forward == "full" else encoder.model.encoder
+    net = encoder.model if encoder.forward == "full" else encoder.model.encoder
     z = []
     for batch in windows.split(encoder.batch_size):
         with torch.autocast(windows.device.type, dtype=dtype, enabled=autocast):
-            z.append(run(pixel_values_videos=preprocess(batch, dtype or torch.float32)).last_hidden_state)
+            z.append(net(pixel_values_videos=preprocess(batch, dtype or torch.float32)).last_hidden_state)
     return torch.cat([tokens.float().mean(1) for tokens in z])
 
 
@@ -564,17 +561,11 @@ def frames_for(encoder):
     return encoder.frame_size if encoder.pixels else None
 
 
-def observed(obs, encoder):
-    """What fills an encoder's windows: the new frames (uint8, one upload a step) or the states, on its device."""
-    x = obs["frame"] if encoder.pixels else obs["state"]
-    return torch.from_numpy(x).to(encoder.device, non_blocking=True)
-
-
 def run_chunk(seeds, policy, encoder, envs, T, keep_z, keep_frames):
     """One lockstep batch of episodes (len(seeds) <= envs.n), T decisions each -> one dict per episode. The
     window (B, 8, ...) lives on the encoder's device and rolls by one frame a step, front-padded at reset."""
-    obs = envs.reset(seeds)
-    new = observed(obs, encoder)
+    obs, key = envs.reset(seeds), "frame" if encoder.pixels else "state"  # what fills the window
+    new = torch.from_numpy(obs[key]).to(encoder.device, non_blocking=True)  # one upload a step, uint8 for frames
     window = new[:, None].repeat(1, WINDOW, *[1] * (new.dim() - 1))
     z = [encode(encoder, window) if keep_z else None]
     states, frames = [obs["state"]], [obs.get("frame")]
@@ -583,7 +574,8 @@ def run_chunk(seeds, policy, encoder, envs, T, keep_z, keep_frames):
         action = policy(z[-1], dict(obs, seed=seeds))
         obs, rewards[:, t] = envs.step(action)  # the policy's own values: stored below as float32
         actions[:, t] = action
-        window = torch.cat([window[:, 1:], observed(obs, encoder)[:, None]], 1)
+        new = torch.from_numpy(obs[key]).to(encoder.device, non_blocking=True)
+        window = torch.cat([window[:, 1:], new[:, None]], 1)
         z.append(encode(encoder, window) if keep_z else None)
         states.append(obs["state"])
         frames.append(obs.get("frame") if keep_frames else None)
@@ -792,10 +784,6 @@ def standardizer(z, episodes, enabled=True):
     return mean.astype(np.float32), std.astype(np.float32)
 
 
-def n_params(model):
-    return sum(p.numel() for p in model.parameters())
-
-
 @contextlib.contextmanager
 def cpu_threads(n):
     """Run a block on n CPU threads (None: as it is), then put the old count back. Small models train on one: BC on
@@ -843,7 +831,8 @@ def fit(model, batch_loss, n_train, n_val, cfg, desc="train"):
     optimizer = torch.optim.AdamW if cfg["optimizer"] == "adamw" else torch.optim.Adam
     opt = optimizer(model.parameters(), lr=cfg["lr"], weight_decay=cfg["weight_decay"])
     per_batch = cfg["schedule_step"] == "batch"
-    small = next(model.parameters()).device.type == "cpu" and n_params(model) * batch_size < 1e9
+    params = sum(p.numel() for p in model.parameters())
+    small = next(model.parameters()).device.type == "cpu" and params * batch_size < 1e9
     decay_steps = epochs * (max(1, math.ceil(n_train / batch_size)) if per_batch else 1)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, decay_steps)
     g = torch.Generator().manual_seed(cfg["seed"])
@@ -905,7 +894,8 @@ def train_bc(data, args):
                optimizer=args.bc_optimizer, grad_clip=0.0, schedule_step=args.schedule_step, keep=args.bc_keep,
                seed=args.seed)
     fitted = fit(model, batch_loss, len(rows["train"]), len(rows["val"]), cfg, desc="bc")
-    info = {"params": n_params(model), "train_mse": evaluate_loss(model, batch_loss, len(rows["train"]), "train"),
+    info = {"params": sum(p.numel() for p in model.parameters()),
+            "train_mse": evaluate_loss(model, batch_loss, len(rows["train"]), "train"),
             "val_mse": fitted["kept_val"], "kept_epoch": fitted["kept_epoch"], "epochs": args.epochs,
             "history": fitted["history"], "split": args.bc_split, "train_samples": len(rows["train"]),
             "val_samples": len(rows["val"])}
@@ -953,20 +943,13 @@ class Dynamics(nn.Module):
     def forward(self, z, a):
         return z + self.net(torch.cat([z, a], -1))
 
-
-def rollout_weights(k, loss="sum"):
-    """Weights of the k unrolled steps' losses. sum: all 1. weighted: step h gets (h+1)/k and the total is
-    divided by k, as the seed's Phase 4c (so its k-step loss is ~0.6x one step's, not 5x)."""
-    return [1.0] * k if loss == "sum" else [(h + 1) / k / k for h in range(k)]
-
-
-def rollout_loss(model, zs, a, weights):
-    """SmoothL1 of the model unrolled on its own predictions: zs (B, k+1, D) standardised, a (B, k, 2)."""
-    pred, loss = zs[:, 0], 0.0
-    for j, w in enumerate(weights):
-        pred = model(pred, a[:, j])
-        loss = loss + w * F.smooth_l1_loss(pred, zs[:, j + 1])
-    return loss
+    def unrolled_loss(self, zs, a, weights):
+        """SmoothL1 of the model unrolled on its own predictions: zs (B, k+1, D), a (B, k, 2), a weight a step."""
+        pred, loss = zs[:, 0], 0.0
+        for j, w in enumerate(weights):
+            pred = self(pred, a[:, j])
+            loss = loss + w * F.smooth_l1_loss(pred, zs[:, j + 1])
+        return loss
 
 
 def train_dynamics(name, data, args, epochs):
@@ -984,7 +967,8 @@ def train_dynamics(name, data, args, epochs):
     mean_t, std_t = torch.from_numpy(mean), torch.from_numpy(std)
     starts = {s: np.array([(e, t) for e in eps for t in range(T - k + 1)]) for s, eps in
               (("train", train_eps), ("val", val_eps))}
-    weights = rollout_weights(k, args.rollout_loss)
+    # the seed's k-step loss weighs step h by (h+1)/k and divides the sum by k: ~0.6x one step's, not k times
+    weights = [1.0] * k if args.rollout_loss == "sum" else [(h + 1) / k / k for h in range(k)]
     model = Dynamics(name, z.shape[-1], args.resblock_relu == "on").to(device)
     start_rng = np.random.default_rng([args.seed, 4])
     one_start = args.rollout_sampling == "one-start"
@@ -998,15 +982,15 @@ def train_dynamics(name, data, args, epochs):
         steps = t[:, None] + np.arange(k + 1)
         zs = (torch.from_numpy(np.array(z[e[:, None], steps], np.float32)) - mean_t) / std_t  # (B, k+1, D)
         a = torch.from_numpy(np.array(actions[e[:, None], steps[:, :k]], np.float32))
-        return rollout_loss(model, zs.to(device, non_blocking=True), a.to(device, non_blocking=True), weights)
+        return model.unrolled_loss(zs.to(device, non_blocking=True), a.to(device, non_blocking=True), weights)
     n_train, batch_size = (len(train_eps), 64) if one_start else (len(starts["train"]), 256)  # seed: 256
     fitted = fit(model, batch_loss, n_train, len(starts["val"]), dict(
         epochs=epochs, lr=args.dyn_lr, batch_size=batch_size, weight_decay=1e-4, optimizer="adamw",  # seed: AdamW 1e-4
         grad_clip=args.dyn_grad_clip, schedule_step=args.schedule_step, keep="best", seed=args.seed),
         desc=f"dynamics {name}")
-    return model.cpu(), {"params": n_params(model), "val_loss": fitted["kept_val"], "kept_epoch": fitted["kept_epoch"],
-                         "history": fitted["history"], "rollout": k, "rollout_weights": weights, "epochs": epochs,
-                         "val_episodes": val_eps.tolist()}, (mean, std)
+    return model.cpu(), {"params": sum(p.numel() for p in model.parameters()), "val_loss": fitted["kept_val"],
+                         "kept_epoch": fitted["kept_epoch"], "history": fitted["history"], "rollout": k,
+                         "rollout_weights": weights, "epochs": epochs, "val_episodes": val_eps.tolist()}, (mean, std)
 
 
 @torch.no_grad()
@@ -1149,8 +1133,7 @@ def probe_embeddings(z, states, min_speed=1e-3):
 
 
 # ---- Stages ------------------------------------------------------------------------------------------------------
-# Each reads and writes only files in the run folder, so any stage can be re-run alone.
-# A stage returns False when it skipped (its outputs exist), so the run folder is left untouched.
+# Stages read and write only files in the run folder, so any can be re-run alone; False: skipped, nothing written.
 def exists_skip(args, path, stage):
     """The one skip rule: outputs that exist are kept unless --force."""
     if os.path.exists(path) and not args.force:
@@ -1316,7 +1299,7 @@ def stage_dynamics(args, encoder):
     for name in todo:
         epochs = args.dyn_epochs or {"mlp": 100, "mlp_rollout5": args.rollout_epochs, "resblock": 150}[name]  # seed
         model, info, (mean, std) = train_dynamics(name, data, args, epochs)
-        train_eps = np.setdiff1d(np.arange(len(data["z"])), info["val_episodes"])  # one space for every model:
+        train_eps = np.setdiff1d(np.arange(len(data["z"])), info["val_episodes"]) if len(data["z"]) > 1 else [0]
         info["kstep_error"], info["kstep_copy"] = kstep_error(model.to(args.device), data["z"], data["actions"],
                                                               info["val_episodes"], (mean, std),
                                                               standardizer(data["z"], train_eps))
@@ -1374,6 +1357,8 @@ def stage_plan(args, encoder):
     if not todo:
         print(f"plan: {path} has {', '.join(args.plans)}; --force to redo")
         return False
+    models = {name: load_checked(args, encoder, os.path.join(args.out, f"dynamics_{name}.pt"), "dynamics")
+              for name in sorted({c.split("/")[1] for c in todo})}  # refused, if at all, before any rollout
     # The seed planned at 224 px in fp32 on data collected at 256 px in fp16: plan_frame_size, plan_precision.
     plan_encoder = variant(encoder, args.plan_precision, frame_size=args.plan_frame_size, form=args.mpc_obs)
     seeds = episode_seeds("plan", args.plan_episodes, args.seed)
@@ -1383,7 +1368,7 @@ def stage_plan(args, encoder):
     for combo in todo:
         planner, name = combo.split("/")
         (z_goal, info), steps = goals[planner], args.rs_plan_steps if planner == "random" else args.plan_steps
-        model, mean, std = load_checked(args, encoder, os.path.join(args.out, f"dynamics_{name}.pt"), "dynamics")
+        model, mean, std = models[name]
         mpc = MPC(model, dict(zip(seeds, z_goal)), mean, std, args, planner, name)
         eps = list(run_episodes(seeds, mpc, plan_encoder, stage_envs(args, plan_encoder, len(seeds)), steps,
                                 keep_z=True, desc=f"plan {combo}"))
