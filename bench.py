@@ -4,12 +4,9 @@
     python bench.py --quick                                  # smoke, ~30 s on 2 cores, into runs/bench-quick
     python bench.py --device cuda --out results/bench-h200   # a GPU: ViT-L at batch 32, CEM and training on it
 
-A file of its own, as nanoGPT's bench.py: it imports the script's functions and times them (the script never
-imports it back). The only code here that mirrors other code is the seed's two loops, on purpose.
-
-On a noisy, shared machine the sides of each comparison run in turn, A, B, A, B, ..., and each reports its median,
-so a slow spell hits every side alike; the load average at the start is recorded, with a warning above 0.5.
-Each measurement returns (figures for bench.json, one row [measure, result, ratio] of the table in bench.md).
+As nanoGPT's bench.py, it imports the script's functions and times them (the script never imports it back); only
+the seed's two loops are copied, on purpose. The sides of each comparison run in turn, A, B, A, B, ..., each
+reporting its median, so a slow spell on a shared machine hits every side alike.
 """
 import argparse
 import collections
@@ -31,8 +28,7 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="bench.py", description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="smoke sizes: batch 8, no ViT-L, small CEM and training")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="default auto: cuda if available")
-    p.add_argument("--out", default=None, help="folder for bench.json and bench.md (default: results/, or "
-                   "runs/bench-quick with --quick, so a smoke run never overwrites committed numbers)")
+    p.add_argument("--out", help="folder for bench.json and bench.md (default results/; --quick: runs/bench-quick)")
     args = p.parse_args(argv)
     args.command = shlex.join(["python", "bench.py"] + argv)
     return args
@@ -55,13 +51,11 @@ NOMINAL_FP16_TFLOPS = (("H200 NVL", 835), ("H200", 989), ("H100 PCIe", 756), ("H
                        ("A100", 312), ("A10G", None), ("A10", 125))  # A10G: not published by NVIDIA
 
 
-# ---- Timing plumbing ---------------------------------------------------------------------------------------------
+# ---- Timing plumbing; the work of each side is a plain function, so partial() names it without a lambda ---------
 def interleaved(sides, repeat, device="cpu", warmup=True):
     """Median seconds of each side of a comparison, timed in turn A, B, A, B, ... `repeat` times.
-
-    sides: {name: fn()}. One untimed call each first (allocation, kernel choice) unless warmup=False.
-    CUDA work is synchronised before and after each call. Returns ({name: seconds}, {name: last return}).
-    """
+    sides: {name: fn()}, each called once untimed first (allocation, kernel choice) unless warmup=False.
+    Returns ({name: seconds}, {name: last return})."""
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     results = {name: fn() for name, fn in sides.items()} if warmup else {}
     times = {name: [] for name in sides}
@@ -88,7 +82,6 @@ def slash(values, fmt="{:.0f}"):
     return " / ".join("-" if v is None else fmt.format(v) for v in values)
 
 
-# ---- The work each side does (plain functions, so partial() names them without lambdas) --------------------------
 def repeat(n, fn, *inputs):
     """fn(*inputs) n times: one side of a comparison."""
     for _ in range(n):
@@ -103,17 +96,17 @@ def rollout(seeds, policy, encoder, envs, steps):
 def encoder_flops(config, frames=vr.WINDOW, size=SIZE):
     """Forward FLOPs of one window through the V-JEPA 2 encoder, counted from the config (2 FLOPs per MAC)."""
     d, L, r = config.hidden_size, config.num_hidden_layers, config.mlp_ratio
-    n = (frames // config.tubelet_size) * (size // config.patch_size) ** 2
+    n = (frames // config.tubelet_size) * (size // config.patch_size) ** 2  # tokens
     patch = n * d * 3 * config.tubelet_size * config.patch_size ** 2
-    per_layer = n * (4 * d * d + 2 * r * d * d) + 2 * n * n * d  # qkv+proj, mlp, QK^T and AV
-    return 2 * (patch + L * per_layer)
+    return 2 * (patch + L * (n * (4 + 2 * r) * d * d + 2 * n * n * d))  # a layer: qkv+proj, mlp, QK^T and AV
 
 
-def vitl_model(device):
+def vitl_encoder(device, batch):
     """V-JEPA 2 ViT-L with random weights: VJEPA2Config()'s defaults are ViT-L/16 at 256 px (1024 wide, 24 layers,
     16 heads), so the compute is the real model's without a 1.3 GB download. SDPA attention, as load_pretrained."""
     from transformers import VJEPA2Config
-    return vr.random_vjepa2(VJEPA2Config(attn_implementation="sdpa"), 0).to(device).eval().requires_grad_(False)
+    model = vr.random_vjepa2(VJEPA2Config(attn_implementation="sdpa"), 0).to(device).eval().requires_grad_(False)
+    return vr.Encoder("vitl-random", 1024, model, device, "fp32", batch_size=batch)
 
 
 # ---- The seed's loops, replicated for timing (ThomasVuNguyen/Meta-s-Jepa, train_robots/ at 8c91016) --------------
@@ -129,11 +122,11 @@ def seed_tensor(frame):
 
 
 @torch.no_grad()
-def seed_collection_loop(model, dtype, env, seeds, steps, device):
+def seed_collection_loop(model, env, seeds, steps):
     """The seed's Phase 1 collection (generate_and_encode_modal.py ~80-106, ~120-150): one env at a time, the
     P-controller, full-look frames; after the episode each frame is preprocessed once and its windows (front-padded
     with frame 0) go 32 a forward through the full model (encoder and predictor). It loaded a fresh suite env per
-    episode; one env reset per seed can only favour it. Returns windows encoded (`steps` an episode, as the seed)."""
+    episode; one env reset per seed can only favour it."""
     for s in seeds:
         vr.reset_env(env, s)
         frames = [seed_frame(env.physics)]
@@ -144,50 +137,39 @@ def seed_collection_loop(model, dtype, env, seeds, steps, device):
         for start in range(0, steps, BATCH):
             clips = [torch.stack([tensors[max(0, t - vr.WINDOW + 1 + i)] for i in range(vr.WINDOW)])
                      for t in range(start, min(start + BATCH, steps))]
-            x = torch.stack(clips).to(device, dtype)
+            x = torch.stack(clips).to(model.device, model.dtype)
             model(pixel_values_videos=x).last_hidden_state.mean(1).cpu().float().numpy()
-    return len(seeds) * steps
 
 
 @torch.no_grad()
-def seed_eval_loop(model, dtype, policy, env, seeds, steps, device):
+def seed_eval_loop(model, policy, env, seeds, steps):
     """The seed's live evaluation (eval_modal.py ~105-112 and ~151-170): one env at a time, a deque of the last 8
     full-look frames; at EVERY step all 8 are preprocessed again and encoded as one window (batch 1) by the full
-    model, then the BC net acts. Returns control steps taken."""
+    model, then the BC net acts."""
     for s in seeds:
         vr.reset_env(env, s)
         window = collections.deque([seed_frame(env.physics)] * vr.WINDOW, maxlen=vr.WINDOW)
         for _ in range(steps):
-            clip = torch.stack([seed_tensor(f) for f in window])[None].to(device, dtype)
+            clip = torch.stack([seed_tensor(f) for f in window])[None].to(model.device, model.dtype)
             z = model(pixel_values_videos=clip).last_hidden_state.mean(1).float()
             env.step(policy(z, None)[0])
             window.append(seed_frame(env.physics))
-    return len(seeds) * steps
 
 
-def seed_model(encoder):
-    """The seed's encoder: the full model with fp16 weights on CUDA (a copy), the same fp32 model on a CPU."""
-    if encoder.device == "cuda":
-        return copy.deepcopy(encoder.model).half(), torch.float16
-    return encoder.model, torch.float32
-
-
-# ---- Measurements: each returns (figures for bench.json, a table row [measure, result, ratio]) -------------------
+# ---- Measurements: each returns (figures for bench.json, table rows [measure, result, ratio]) --------------------
 def matmul_peak(device, quick):
     """Square-matmul GFLOP/s per precision, measured now on this device: the ceiling MFU is quoted against.
     On CUDA fp32 means true fp32 (torch leaves TF32 off for matmuls by default), as the encoder's fp32 rows."""
     n, calls = (8192, 10) if device == "cuda" else ((1024, 3) if quick else (2048, 3))
-    sides = {}
-    for p in PRECISIONS[device]:
-        a, b = (torch.randn(n, n, device=device, dtype=DTYPES[p]) for _ in range(2))
-        sides[p] = partial(repeat, calls, torch.matmul, a, b)
+    sides = {p: partial(repeat, calls, torch.matmul, *torch.randn(2, n, n, device=device, dtype=DTYPES[p]))
+             for p in PRECISIONS[device]}
     seconds, _ = interleaved(sides, 3 if quick else 5, device)
     peak = {p: 2 * n ** 3 * calls / s / 1e9 for p, s in seconds.items()}
     name = device_name(device) if device == "cuda" else ""
     nominal = next((t and t * 1000.0 for key, t in NOMINAL_FP16_TFLOPS if key in name), None)  # GFLOP/s
-    figures = dict(peak, n=n, nominal_fp16=nominal)
-    return figures, [f"matmul peak {' / '.join(peak)} (GFLOP/s, {n}x{n})", slash(peak.values()),
-                     f"data sheet fp16 {nominal:.0f}" if nominal else ""]
+    row = [f"matmul peak {' / '.join(peak)} (GFLOP/s, {n}x{n})", slash(peak.values()),
+           f"data sheet fp16 {nominal:.0f}" if nominal else ""]
+    return dict(peak, n=n, nominal_fp16=nominal), [row]
 
 
 def measure_render(quick):
@@ -197,94 +179,72 @@ def measure_render(quick):
     vr.reset_env(env, 0)
     renderers = {"lean": vr.Renderer(SIZE, lean=True), "full": vr.Renderer(SIZE, lean=False), "seed": seed_frame}
     n = 5 if quick else 50
-    seconds, _ = interleaved({k: partial(repeat, n, r, env.physics) for k, r in renderers.items()},
-                             3 if quick else 5)
+    seconds, _ = interleaved({k: partial(repeat, n, r, env.physics) for k, r in renderers.items()}, 3 if quick else 5)
     fps = {k: n / s for k, s in seconds.items()}
     diffs = []
     for _ in range(10):  # a short expert episode, drawn both ways
         lean, full = renderers["lean"](env.physics), renderers["full"](env.physics)
         diffs.append(np.abs(lean.astype(np.int16) - full).mean())
         env.step(vr.p_expert(env.physics))
-    figures = {"lean_vs_full": fps["lean"] / fps["full"], "lean_fps": fps["lean"], "full_fps": fps["full"],
-               "seed_physics_render_fps": fps["seed"], "pixel_mean_abs_diff": float(np.mean(diffs)),
-               "gl_renderer": renderers["lean"].gl_renderer()}
-    row = [f"rendering {SIZE}², lean / full look / the seed's physics.render (frames/s)", slash(fps.values()),
-           f"{figures['lean_vs_full']:.1f}x lean vs full; pixels differ {np.mean(diffs):.0f}/255"]
-    return figures, row
+    figures = {"fps": fps, "pixel_mean_abs_diff": float(np.mean(diffs)), "gl_renderer": renderers["lean"].gl_renderer()}
+    return figures, [[f"rendering {SIZE}², lean / full look / seed's physics.render (frames/s)", slash(fps.values()),
+                      f"{fps['lean'] / fps['full']:.1f}x lean vs full; pixels differ {np.mean(diffs):.0f}/255"]]
 
 
-def measure_collection(encoder, envs, windows, quick):
-    """Windows/s of our collection (expert episodes in lockstep), the encoder alone at the same batch, and the seed's
-    collection loop (64-step episodes: full forwards of 32), interleaved. Collection / encoder at 1.0 means stepping
-    and rendering hide entirely behind the encoder (issue 21's goal on a GPU: 0.9)."""
-    steps, seed_steps, calls = (5, 5, 2) if quick else (20, 64, 5)
-    model, dtype = seed_model(encoder)
-    seconds, _ = interleaved({
-        "ours": partial(rollout, list(range(envs.n)), vr.expert_policy, encoder, envs, steps),
-        "encoder": partial(repeat, calls, vr.encode, encoder, windows),
-        "seed": partial(seed_collection_loop, model, dtype, vr.make_env(0), [0], seed_steps, encoder.device)},
-        3, encoder.device)
-    rate = {"ours": envs.n * (steps + 1) / seconds["ours"], "encoder": len(windows) * calls / seconds["encoder"],
-            "seed": seed_steps / seconds["seed"]}
-    figures = {"collect_vs_encoder": rate["ours"] / rate["encoder"], "vs_seed": rate["ours"] / rate["seed"],
-               "windows_per_s": rate, "encoder": encoder.id, "precision": encoder.precision, "batch": envs.n,
-               "steps": steps, "seed_steps": seed_steps, "seed_precision": str(dtype).replace("torch.", "")}
-    row = [f"collection with {encoder.id} {encoder.precision}, batch {envs.n}: ours / the encoder alone / the seed's "
-           "loop (windows/s)", slash(rate.values(), "{:.1f}"),
-           f"{figures['collect_vs_encoder']:.2f} of the encoder; {figures['vs_seed']:.1f}x the seed"]
-    return figures, row
-
-
-def measure_seed_eval(encoder, envs, quick):
-    """Our live evaluation (a BC policy, envs.n episodes in lockstep, their windows encoded as one batch) against
-    the seed's evaluation loop (one window a forward, 8 frames re-preprocessed every step), in control steps/s."""
-    steps, seed_episodes = (5, 1) if quick else (20, 2)
+def measure_loops(encoder, envs, windows, quick):
+    """Our loops and the seed's, interleaved. Collection, windows/s: ours (expert episodes in lockstep), the encoder
+    alone at the same batch (at 1.0 of it, stepping and rendering hide behind it; issue 21's goal on a GPU: 0.9), the
+    seed's (64-step episodes, forwards of 32). Live evaluation, control steps/s: ours (a BC policy, envs.n episodes
+    encoded as one batch) and the seed's (one window a forward). The seed's model: fp16 weights on CUDA, as it did."""
+    steps, seed_steps, seed_episodes, calls = (5, 5, 1, 2) if quick else (20, 64, 2, 5)
     torch.manual_seed(0)
     zeros, ones = np.zeros(encoder.dim, np.float32), np.ones(encoder.dim, np.float32)
     policy = vr.bc_policy(vr.bc_net(encoder.dim).eval(), zeros, ones)
-    model, dtype = seed_model(encoder)
+    model = copy.deepcopy(encoder.model).half() if encoder.device == "cuda" else encoder.model
     seconds, _ = interleaved({
-        "ours": partial(rollout, list(range(envs.n)), policy, encoder, envs, steps),
-        "seed": partial(seed_eval_loop, model, dtype, policy, vr.make_env(0), list(range(seed_episodes)), steps,
-                        encoder.device)}, 3, encoder.device)
-    ours, seed = envs.n * steps / seconds["ours"], seed_episodes * steps / seconds["seed"]
-    figures = {"vs_seed": ours / seed, "ours_steps_per_s": ours, "seed_steps_per_s": seed, "encoder": encoder.id,
-               "episodes": envs.n, "steps": steps}
-    row = [f"live eval with {encoder.id}, {envs.n} episodes batched vs the seed's one-window loop (steps/s)",
-           f"{ours:.1f} vs {seed:.1f}", f"{ours / seed:.1f}x"]
-    return figures, row
+        "collect": partial(rollout, list(range(envs.n)), vr.expert_policy, encoder, envs, steps),
+        "encoder": partial(repeat, calls, vr.encode, encoder, windows),
+        "seed_collect": partial(seed_collection_loop, model, vr.make_env(0), [0], seed_steps),
+        "eval": partial(rollout, list(range(envs.n)), policy, encoder, envs, steps),
+        "seed_eval": partial(seed_eval_loop, model, policy, vr.make_env(0), range(seed_episodes), steps)},
+        3, encoder.device)
+    done = {"collect": envs.n * (steps + 1), "encoder": len(windows) * calls, "seed_collect": seed_steps,
+            "eval": envs.n * steps, "seed_eval": seed_episodes * steps}  # windows; eval: control steps
+    rate = {k: done[k] / s for k, s in seconds.items()}
+    collect = [f"collection with {encoder.id} {encoder.precision}, batch {envs.n}: ours / the encoder alone / the "
+               "seed's loop (windows/s)", slash((rate[k] for k in ("collect", "encoder", "seed_collect")), "{:.1f}"),
+               f"{rate['collect'] / rate['encoder']:.2f} of the encoder; "
+               f"{rate['collect'] / rate['seed_collect']:.1f}x the seed"]
+    live = [f"live eval with {encoder.id}, {envs.n} episodes batched vs the seed's one-window loop (steps/s)",
+            f"{rate['eval']:.1f} vs {rate['seed_eval']:.1f}", f"{rate['eval'] / rate['seed_eval']:.1f}x"]
+    return {"encoder": encoder.id, "precision": encoder.precision, "per_s": rate}, [collect, live]
 
 
-def measure_encoder(label, model, windows, device, peak, quick):
-    """Windows/s of one encoder at the batch of `windows` in fp32, autocast (bf16 on a CPU, fp16 on CUDA) and, on
-    CUDA, `half` (fp16 weights), interleaved; MFU against this run's matmul peak at that precision (fp16 for half)
-    and a known GPU's data-sheet fp16 peak; the lowest cosine of each embedding to fp32's."""
-    base = vr.Encoder(label, model.config.hidden_size, model, device, "fp32", batch_size=len(windows))
-    encoders = {p: vr.variant(base, p) for p in (("fp32", "fp16", "half") if device == "cuda" else ("fp32", "bf16"))}
-    seconds, z = interleaved({p: partial(vr.encode, e, windows) for p, e in encoders.items()},
-                             3 if quick or label == "vitl" else 5, device)
-    flops, nominal = encoder_flops(model.config), peak["nominal_fp16"]
+def measure_encoder(encoder, windows, peak, quick):
+    """Windows/s of one encoder at the batch of `windows` per precision, interleaved; MFU against this run's matmul
+    peak at that precision and a known GPU's data-sheet fp16 peak; the lowest cosine of each embedding to fp32's."""
+    precisions = ("fp32", "fp16", "half") if encoder.device == "cuda" else ("fp32", "bf16")
+    sides = {p: partial(vr.encode, vr.variant(encoder, p, batch_size=len(windows)), windows) for p in precisions}
+    seconds, z = interleaved(sides, 3 if quick or encoder.dim >= 1024 else 5, encoder.device)  # ViT-L: slow
+    flops, nominal = encoder_flops(encoder.model.config), peak["nominal_fp16"]
     figures = {"gflop_per_window": flops / 1e9, "batch": len(windows)}
     for p, s in seconds.items():  # issue 21: low precision must agree with fp32 (cosine >= 0.999, no inf)
         gflops = len(windows) / s * flops / 1e9
-        figures[p] = {"windows_per_s": len(windows) / s, "gflops": gflops,
+        figures[p] = {"windows_per_s": len(windows) / s,
                       "mfu_measured_peak": gflops / peak["fp16" if p == "half" else p],
                       "mfu_nominal_peak": gflops / nominal if nominal and p in ("fp16", "half") else None,
                       "min_cosine_vs_fp32": float(torch.cosine_similarity(z[p], z["fp32"]).min()),
                       "all_finite": bool(z[p].isfinite().all())}
-    mfu = {k: slash(figures[p][f"mfu_{k}_peak"] and 100 * figures[p][f"mfu_{k}_peak"] for p in seconds)
-           for k in ("measured", "nominal")}
-    ratio = f"MFU {mfu['measured']} % of the measured peak"
-    if nominal:
-        ratio += f", {mfu['nominal']} % of the data sheet's"
-    return figures, [f"encoder {label} ({flops / 1e9:.1f} GFLOP/window), batch {len(windows)}, {' / '.join(seconds)}"
-                     " (windows/s)", slash((figures[p]["windows_per_s"] for p in seconds), "{:.2f}"), ratio]
+    mfu = {k: slash(figures[p][k] and 100 * figures[p][k] for p in seconds) for k in figures["fp32"] if "mfu" in k}
+    ratio = f"MFU {mfu['mfu_measured_peak']} % of the measured peak"
+    ratio += f", {mfu['mfu_nominal_peak']} % of the data sheet's" if nominal else ""
+    name = f"encoder {encoder.id} ({flops / 1e9:.1f} GFLOP/window), batch {len(windows)}, {' / '.join(seconds)}"
+    return figures, [[name + " (windows/s)", slash((figures[p]["windows_per_s"] for p in seconds), "{:.2f}"), ratio]]
 
 
 def measure_cem(device, peak, quick):
-    """One CEM call for all episodes of a control step at the seed's sizes, on the 1.58M-param mlp at D = 1024, in
-    fp32 and under autocast, interleaved; the FLOP floor (2 x params x samples x horizon x iterations x episodes)
-    at the measured peak; and how far autocast moves the first action of the elite mean from fp32's (same noise)."""
+    """One CEM call for all episodes of a control step at the seed's sizes on the 1.58M-param mlp (D = 1024), fp32 vs
+    autocast, interleaved; the FLOP floor at the measured peak; how far autocast moves the first action (same noise)."""
     episodes, samples, elites, iterations = (2, 64, 8, 2) if quick else (20, 500, 50, 5)  # seed: 500, 50, 5
     horizon = 10  # seed: horizon 10
     with torch.random.fork_rng(devices=[]):
@@ -295,18 +255,17 @@ def measure_cem(device, peak, quick):
                         samples=samples, elites=elites, iterations=iterations,
                         generator=torch.Generator(device).manual_seed(0), device=device) for p in PRECISIONS[device]}
     seconds, results = interleaved(sides, 3 if quick or device == "cpu" else 5, device)
-    flops = 2 * vr.n_params(model) * samples * horizon * iterations * episodes
-    figures = {"episodes": episodes, "samples": samples, "elites": elites, "horizon": horizon,
-               "iterations": iterations, "params": vr.n_params(model), "gflop_per_step": flops / 1e9}
+    flops = 2 * sum(p.numel() for p in model.parameters()) * samples * horizon * iterations * episodes
+    figures = dict(episodes=episodes, samples=samples, elites=elites, horizon=horizon, iterations=iterations,
+                   params=sum(p.numel() for p in model.parameters()), gflop_per_step=flops / 1e9)
     first = {p: mean[:, 0] for p, (_, mean, _) in results.items()}  # cem returns (best, mean, std)
     for p, s in seconds.items():
         figures[p] = {"ms": s * 1000, "floor_ms": flops / peak[p] / 1e6,
                       "first_action_abs_diff": float((first[p] - first["fp32"]).abs().max())}
-    row = [f"CEM step, {episodes} episodes x {samples} x {horizon} x {iterations} on the mlp, "
-           f"{' / '.join(seconds)} (ms)", slash(figures[p]["ms"] for p in seconds),
-           f"floor {slash(figures[p]['floor_ms'] for p in seconds)} ms; first action moves "
-           f"{slash((figures[p]['first_action_abs_diff'] for p in seconds), '{:.2f}')}"]
-    return figures, row
+    return figures, [[f"CEM step, {episodes} episodes x {samples} x {horizon} x {iterations} on the mlp, "
+                      f"{' / '.join(seconds)} (ms)", slash(figures[p]["ms"] for p in seconds),
+                      f"floor {slash(figures[p]['floor_ms'] for p in seconds)} ms; first action moves "
+                      f"{slash((figures[p]['first_action_abs_diff'] for p in seconds), '{:.2f}')}"]]
 
 
 def measure_training(device, quick):
@@ -317,14 +276,12 @@ def measure_training(device, quick):
     data = {"z": rng.standard_normal((E, T + 1, D), dtype=np.float32),
             "actions": rng.uniform(-1, 1, (E, T, 2)).astype(np.float32)}
     args = argparse.Namespace(**vr.RECIPES["ours"], seed=0, device=device, epochs=1)
+    sides = {"bc": partial(vr.train_bc, data, args), "dynamics": partial(vr.train_dynamics, "mlp", data, args, 1)}
     with contextlib.redirect_stdout(io.StringIO()):  # the one-line-per-epoch logs
-        seconds, _ = interleaved({"bc": partial(vr.train_bc, data, args),
-                                  "dynamics": partial(vr.train_dynamics, "mlp", data, args, 1)},
-                                 3, device, warmup=quick)
+        seconds, _ = interleaved(sides, 3, device, warmup=quick)
     figures = {"transitions": E * T, "dim": D, **{f"{k}_epoch_s": s for k, s in seconds.items()}}
-    row = [f"one epoch on {E * T:,} x {D} synthetic transitions, BC / mlp dynamics (s)",
-           slash(seconds.values(), "{:.2f}"), f"{slash(E * T / s for s in seconds.values())} transitions/s"]
-    return figures, row
+    return figures, [[f"one epoch on {E * T:,} x {D} synthetic transitions, BC / mlp dynamics (s)",
+                      slash(seconds.values(), "{:.2f}"), f"{slash(E * T / s for s in seconds.values())} transitions/s"]]
 
 
 # ---- The run -----------------------------------------------------------------------------------------------------
@@ -332,54 +289,49 @@ def start(args, device):
     """The run's header: machine, versions, the load average at the start, and a warning above 0.5: other jobs
     then share the cores and ratios drift (issue 21: ViT-L read 42% of the matmul peak beside four jobs, 88% alone)."""
     load = os.getloadavg()[0]
-    result = {"device": device_name(device), "torch": torch.__version__, "quick": args.quick, "command": args.command,
-              "load_average_at_start": load, "torch_threads": torch.get_num_threads(),
-              "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "unset"), "bench_seconds": {}}
+    result = {"device": device_name(device), "torch": torch.__version__, "command": args.command,
+              "load_average_at_start": load, "torch_threads": torch.get_num_threads(), "bench_seconds": {}}
     print(f"bench: {result['device']}, torch {torch.__version__}{', quick' if args.quick else ''}", flush=True)
     if load > 0.5:
-        print(f"bench: warning: load average {load:.2f} at the start; other processes share this machine, so "
-              f"{'CPU-side ' if device == 'cuda' else ''}timings and ratios are noisy. Run it alone for numbers "
-              "to commit.", flush=True)
+        print(f"bench: warning: load average {load:.2f} at the start: other processes share this machine, so "
+              f"{'CPU-side ' if device == 'cuda' else ''}timings are noisy; run it alone to commit", flush=True)
     return result
 
 
 def record(result, rows, key, measure, *inputs):
-    """Run one measurement; keep its figures under `key`, its row for the table, its own wall time."""
+    """Run one measurement; keep its figures under `key` (and return them), its rows for the table, its wall time."""
     t0 = time.perf_counter()
-    result[key], row = measure(*inputs)
+    result[key], new = measure(*inputs)
     result["bench_seconds"][key] = time.perf_counter() - t0
-    rows.append(row)
-    print(f"bench: {row[0]}: {row[1]} | {row[2]} ({result['bench_seconds'][key]:.0f} s)", flush=True)
+    for row in new:
+        print(f"bench: {row[0]}: {row[1]} | {row[2]} ({result['bench_seconds'][key]:.0f} s)", flush=True)
+    rows += new
+    return result[key]
 
 
 def main(argv=None):
     """Every measurement on one device, each row printed as it lands; then bench.json and bench.md in --out."""
     args = parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
-        print("error: --device cuda, but torch sees no CUDA device", file=sys.stderr)
-        return 1
+        sys.exit("error: --device cuda, but torch sees no CUDA device")
     device = "cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()) else "cpu"
     quick, batch = args.quick, 8 if args.quick else BATCH
     result, rows = start(args, device), []
-    record(result, rows, "matmul_peak_gflops", matmul_peak, device, quick)
-    peak = result["matmul_peak_gflops"]
-    record(result, rows, "render", measure_render, quick)
+    run = partial(record, result, rows)
+    peak = run("matmul_peak_gflops", matmul_peak, device, quick)
+    run("render", measure_render, quick)
     tiny = vr.load_encoder("tiny", device, "fp32", batch_size=batch)  # fp32 weights; the pipeline picks its own
-    vitl = None if quick else vitl_model(device)
-    # The pipeline rows run ViT-L (random weights, the same compute) on a GPU, `tiny` on a CPU or with --quick.
-    pipeline = vr.variant(tiny if vitl is None or device == "cpu" else
-                          vr.Encoder("vitl-random", 1024, vitl, device, "fp32", batch_size=batch), "auto")
+    vitl = None if quick else vitl_encoder(device, batch)
+    pipeline = vr.variant(vitl if vitl is not None and device == "cuda" else tiny, "auto")  # ViT-L on a GPU
     envs = vr.Envs(batch, SIZE, lean=True, expert="p")  # seed: the P-controller drives collection
     windows = torch.from_numpy(np.repeat(envs.reset(range(batch))["frame"][:, None], vr.WINDOW, 1)).to(device)
-    record(result, rows, "collection", measure_collection, pipeline, envs, windows, quick)
-    record(result, rows, "eval_vs_seed_eval_loop", measure_seed_eval, pipeline, envs, quick)
-    record(result, rows, "encoder_tiny", measure_encoder, "tiny", tiny.model, windows, device, peak, quick)
+    run("loops_vs_seed", measure_loops, pipeline, envs, windows, quick)
+    run("encoder_tiny", measure_encoder, tiny, windows, peak, quick)
     if vitl is not None:  # ViT-L on a CPU takes seconds a window: batch 1 there
-        size = batch if device == "cuda" else 1
-        record(result, rows, "encoder_vitl", measure_encoder, "vitl", vitl, windows[:size], device, peak, quick)
-    record(result, rows, "cem_ms_per_step", measure_cem, device, peak, quick)
-    record(result, rows, "train_epoch", measure_training, device, quick)
-    out = args.out or ("runs/bench-quick" if quick else RESULTS)
+        run("encoder_vitl", measure_encoder, vitl, windows[:batch if device == "cuda" else 1], peak, quick)
+    run("cem_ms_per_step", measure_cem, device, peak, quick)
+    run("train_epoch", measure_training, device, quick)
+    out = args.out or ("runs/bench-quick" if quick else RESULTS)  # a smoke run never overwrites committed numbers
     text = (f"Device: {result['device']} (GL_RENDERER: {result['render']['gl_renderer']}), torch {result['torch']}, "
             f"load average {result['load_average_at_start']:.2f} at the start. Made by `{result['command']}`.\n\n"
             f"{md_table(['measure', 'result', 'ratio'], rows)}\n")

@@ -1,136 +1,197 @@
 """Run vjepa_reacher.py on Modal GPUs: sharded collection + encoding, merge, optional Hub upload, BC + eval.
 
-    pip install modal && modal setup                         # once: the client is all a laptop needs; log in
-    modal run modal_app.py                                   # seed Phase 2b: 10 x 500 episodes, epsilon 0.3, p expert
-    modal run modal_app.py                                   # again after a failure: collects only missing shards
-    modal run modal_app.py --episodes 500 --shards 1 --epsilon 0 --expert jacobian --evaluate   # Phase 1 on 1 GPU
-    modal run modal_app.py --gpu L4 --force                  # another GPU type; redo every stage from scratch
-    modal secret create huggingface HF_TOKEN=hf_...          # once, only for --hf-repo
-    modal run modal_app.py --hf-repo you/vjepa2-reacher      # also upload the merged dataset
-    modal volume get vjepa-reacher runs/modal ./runs/modal   # fetch the run folder
+    pip install modal && modal setup                          # once: the client is all a laptop needs; log in
+    modal run modal_app.py --shards 2 --args "--encoder tiny --episodes 8"   # smoke: 2 x 4 episodes, cents
+    modal run modal_app.py                                    # Phase 1: 500 jacobian demos, ViT-L, 10 A10 shards
+    modal run modal_app.py                                    # again after a failure: collects only what is missing
+    modal run modal_app.py --args "--expert p --epsilon 0.3 --episodes 5000"   # seed Phase 2b exploration data
+    modal run modal_app.py --shards 1 --evaluate --args "--recipe seed"        # Phase 1, the seed's recipe, + BC
+    modal run modal_app.py --gpu L4 --args "--force --set render=full"         # another GPU; redo every shard
+    modal secret create huggingface HF_TOKEN=hf_...           # once, only for --hf-repo
+    modal run modal_app.py --hf-repo you/vjepa2-reacher       # also upload the merged dataset
+    modal volume get vjepa-reacher runs/modal ./runs/modal    # fetch the run folder
 
-Nothing here re-implements the pipeline: every job builds the command line a local user would type and calls
-vjepa_reacher.main, so the cloud and local paths cannot drift apart. Not yet run on a real Modal account.
+`--args` holds the script's options as typed after `python vjepa_reacher.py collect`, checked by its parser (here
+if vjepa_reacher imports, else in the first container, a CPU one). Every job calls vjepa_reacher.main with the command
+line a local user would type, so the cloud and local paths cannot drift apart. Not yet run on a real Modal account.
 """
+import contextlib
+import ctypes
 import dataclasses
+import glob
+import io
 import os
+import re
+import shlex
+import shutil
+import sys
 
 import modal
 
-# ----------------------------------------------------------------------------------------------
-# Image, volume and constants
-# ----------------------------------------------------------------------------------------------
-DEFAULT_ENCODER = "facebook/vjepa2-vitl-fpc64-256"  # vjepa_reacher's default, spelled out: a laptop needs only modal
-# The seed's A10G: Modal's GPU guide (modal.com/docs/guide/gpu) now lists it as `A10` (24 GB, Ampere) and its
-# dynamic-config guide uses gpu="A10". The client never checks the name (modal 1.6.4 _utils/function_utils.py
-# parse_gpu_config only upper-cases it); Modal's server does, when the app starts.
+# ---- Image, volume and constants ---------------------------------------------------------------------------------
+# The seed's A10G, `A10` in modal.com/docs/guide/gpu; only Modal's server checks the name (not the 1.6.4 client).
 GPU = "A10"
-RENDER_WORKERS = 6  # --render-workers: MuJoCo render processes per GPU container (a guess: not measured on Modal)
-GPU_CPUS = RENDER_WORKERS + 2  # a core per render process, one for the main process (physics, encoder), one for I/O
+# The script renders in its own process (bench.py: render processes did not pay), so one core steps, renders and
+# feeds the GPU; the second takes I/O and, without EGL, OSMesa (a second llvmpipe thread added 7-10% here).
+GPU_CPUS = 2
 VOLUME = "/vol"  # run folders live on one modal.Volume; shards write only their own folder
+RESERVED = {"out": "--run", "shard": "--shards", "seeds": "one --run per seed", "device": "--gpu"}  # set here
 
 volume = modal.Volume.from_name("vjepa-reacher", create_if_missing=True)
 # The runtime lines of requirements.txt (test_modal_* checks they match), without modal and pytest. On Linux x86_64,
-# torch from PyPI is the CUDA build (it pulls NVIDIA's runtime wheels), which is what a GPU container wants; the
-# local CPU build comes from another index.
+# torch from PyPI is the CUDA build (it pulls NVIDIA's runtime wheels), which is what a GPU container wants.
 PACKAGES = ["torch==2.13.0", "mujoco==3.17.0", "dm_control==1.0.50", "transformers>=4.53,<6", "safetensors>=0.4",
             "numpy>=1.26", "tqdm>=4.66", "matplotlib>=3.8", "pillow>=10.1", "huggingface_hub>=0.30"]
-# MUJOCO_GL=egl makes dm_control load EGL only (no osmesa fallback). libglvnd dispatches EGL to a vendor library named
-# by a JSON file; Modal's GPU containers provide the NVIDIA driver libraries (libEGL_nvidia among them) but a slim
-# image has no NVIDIA vendor file, so write the standard one (as MuJoCo's Colab notebook does).
+# EGL through libglvnd, which dispatches to a vendor library named by a JSON file: Modal's GPU containers mount the
+# NVIDIA driver libraries (libEGL_nvidia among them) but a slim image has no NVIDIA vendor file, so write the
+# standard one (as MuJoCo's Colab notebook does). libosmesa6: the CPU fallback when the driver brings no EGL.
+SOURCES = ["vjepa_reacher", "report", "sac"]  # the script and the leaves it imports (one file each)
+APT = ["libegl1", "libgl1", "libglvnd0", "libosmesa6"]
+NVIDIA_EGL = "libEGL_nvidia.so.0"
 NVIDIA_EGL_ICD = '{"file_format_version": "1.0.0", "ICD": {"library_path": "libEGL_nvidia.so.0"}}'
 image = (modal.Image.debian_slim(python_version="3.11")
-         .apt_install("libegl1", "libgl1", "libglvnd0")
+         .apt_install(*APT)
          .run_commands("mkdir -p /usr/share/glvnd/egl_vendor.d",
                        f"echo '{NVIDIA_EGL_ICD}' > /usr/share/glvnd/egl_vendor.d/10_nvidia.json")
-         .pip_install(*PACKAGES)
-         .env({"MUJOCO_GL": "egl"})  # the Hub cache stays per container: N shards must not write one shared copy
-         .add_local_python_source("vjepa_reacher"))
+         .pip_install(*PACKAGES)  # the Hub cache stays per container: N shards must not write one shared copy
+         .add_local_python_source(*SOURCES))
 app = modal.App("vjepa-reacher", image=image)
 
-with image.imports():  # imported inside containers; a laptop without torch skips it
+
+def gl_backend():
+    """egl when the NVIDIA EGL library loads (frames drawn on the GPU), else osmesa (drawn by the CPU, llvmpipe).
+    dlopen is the lookup glvnd itself makes through the vendor file above."""
+    try:
+        ctypes.CDLL(NVIDIA_EGL)
+        return "egl"
+    except OSError:
+        return "osmesa"
+
+
+if not modal.is_local():  # in a container: before vjepa_reacher (and dm_control, which reads it once) import
+    os.environ["MUJOCO_GL"] = gl_backend()
+vjepa_reacher = None  # stays None on a laptop without torch: image.imports keeps the ImportError for containers
+with image.imports():
     import vjepa_reacher
 
 
 @dataclasses.dataclass
 class Job:
-    """The options every job turns into the script's command line."""
+    """A run: its folder on the volume, the script's options (`--args`, split as a shell would), the shard count,
+    and the device GPU jobs pass (cuda: a container without CUDA fails at once instead of encoding on the CPU)."""
     out: str
-    """run folder, on the volume"""
-    episodes: int = 5000
+    args: list = dataclasses.field(default_factory=list)
     shards: int = 10
-    epsilon: float = 0.3
-    expert: str = "p"
-    encoder: str = DEFAULT_ENCODER
-    steps: int = 200
-    seed: int = 0
-    batch_size: int = 32
-    store_dtype: str = "float32"
-    eval_episodes: int = 100
-    force: bool = False
-    """redo stages whose outputs exist (`--force`)"""
     device: str = "cuda"
-    """GPU jobs pass `--device cuda`, so a container without CUDA fails at once instead of encoding on the CPU"""
-    render_workers: int | None = RENDER_WORKERS
-    """`--render-workers`; None leaves the option out"""
 
 
-# ----------------------------------------------------------------------------------------------
-# Jobs: plain functions that call the script's CLI; the Modal functions below only wrap them
-# ----------------------------------------------------------------------------------------------
-def cli(stage, job, gpu=False):
+# ---- Jobs: plain functions that call the script's CLI; the Modal functions below only wrap them ------------------
+def cli(stage, job, shard=None, gpu=False):
     """The command line a local user would type (after `python vjepa_reacher.py`) for `stage`."""
-    argv = [stage, "--out", job.out, "--encoder", job.encoder, "--expert", job.expert, "--epsilon", str(job.epsilon),
-            "--episodes", str(job.episodes), "--eval-episodes", str(job.eval_episodes), "--steps", str(job.steps),
-            "--seed", str(job.seed), "--batch-size", str(job.batch_size), "--store-dtype", job.store_dtype]
-    if gpu:
-        argv += ["--device", job.device]
-        if job.render_workers is not None:
-            argv += ["--render-workers", str(job.render_workers)]
-    return argv + ["--force"] * job.force
+    sharding = ["--shard", f"{shard}/{job.shards}"] if shard is not None else []
+    return [stage, *job.args, "--out", job.out, *sharding, *(["--device", job.device] if gpu else [])]
 
 
-def run_script(argv):
-    """Call the script's CLI in-process; a non-zero exit becomes an exception the caller sees."""
-    code = vjepa_reacher.main(argv)
-    if code:
-        raise RuntimeError(f"`python vjepa_reacher.py {' '.join(argv)}` exited with {code}")
+class Tail(io.TextIOBase):
+    """stderr's stand-in: passes what the script writes on to `echo` (None: nowhere) and keeps the last 4 kB."""
+    def __init__(self, echo):
+        self.echo, self.text = echo, ""
+
+    def write(self, s):
+        self.text = (self.text + s)[-4096:]
+        return self.echo.write(s) if self.echo else len(s)
 
 
-def shard_dir(job, shard):
-    name = vjepa_reacher.dataset_name(job.expert, job.epsilon)
-    return os.path.join(job.out, "shards", name, f"shard_{shard}of{job.shards}")
+def last_line(text):
+    """The last line of a message, without the `vjepa_reacher.py: error: ` that argparse or main put before it."""
+    return re.sub(r"^(\S+: )?error: ", "", str(text).strip().rpartition("\n")[2].strip())
 
 
-def finished_shards_job(job):
-    """Shards whose folder has meta.json, which the script writes last: they need no re-run."""
-    return [i for i in range(job.shards) if os.path.exists(os.path.join(shard_dir(job, i), "meta.json"))]
+def call_script(fn, argv, echo=True):
+    """fn(argv), fn being vjepa_reacher.main or parse_args. A non-zero exit, or the SystemExit of a bad option,
+    becomes a RuntimeError carrying the script's last stderr line: modal's return_exceptions catches Exception,
+    not SystemExit, and a SystemExit inside starmap hangs the map (modal 1.6.4 parallel_map.py ~544)."""
+    tail = Tail(sys.stderr if echo else None)
+    try:
+        with contextlib.redirect_stderr(tail):
+            result = fn(argv)
+    except SystemExit as e:
+        if not e.code:
+            raise  # --help
+        result = e.code
+    if isinstance(result, (int, str)) and result:
+        raise RuntimeError(last_line(tail.text) or f"`python vjepa_reacher.py {shlex.join(argv)}` exited with {result}")
+    return result
+
+
+def parse_job(job):
+    """The script's own parser on the job's options; refuses those this file sets itself."""
+    args = call_script(vjepa_reacher.parse_args, cli("collect", job, shard=0, gpu=True), echo=False)
+    reserved = sorted(vjepa_reacher.given_options(["collect", *job.args]) & set(RESERVED))
+    if reserved:
+        raise RuntimeError(f"--args may not hold --{reserved[0]}: modal_app sets it ({RESERVED[reserved[0]]})")
+    if not 1 <= job.shards <= args.episodes:
+        raise RuntimeError(f"--shards must be between 1 and --episodes ({args.episodes}), got {job.shards}")
+    return args
+
+
+def expected_meta(args, shard, shards):
+    """What shard `shard`'s meta.json holds if this job made it (as vjepa_reacher.stage_collect makes it)."""
+    seeds = vjepa_reacher.episode_seeds("explore" if args.epsilon > 0 else "collect", args.episodes, args.seed,
+                                        args.episode_seeds == "seed")
+    render = "none" if args.encoder == "state" else f"{args.render}@{args.frame_size}"  # vjepa_reacher.render_mode
+    return {"encoder": args.encoder, "render": render, "steps": args.steps, "expert": args.expert,
+            "epsilon": args.epsilon, "seeds": seeds[shard::shards]}
+
+
+def shard_todo(args, job, root, shard):
+    """True if the shard needs a container: no meta.json, or other seeds (the script resumes, collecting only the
+    missing episodes). Another encoder, render or steps: refused, as the script's check_meta would, before any GPU."""
+    path = os.path.join(root, f"shard_{shard}of{job.shards}", "meta.json")
+    if args.force or not os.path.exists(path):
+        return True
+    meta = vjepa_reacher.load_json(path)
+    want = expected_meta(args, shard, job.shards)
+    got = dict(meta, encoder=meta.get("encoder", {}).get("id"))
+    wrong = [k for k in want if got.get(k) != want[k]]
+    if wrong and wrong != ["seeds"]:
+        raise RuntimeError(f"{os.path.dirname(path)} was made with {wrong[0]}={got.get(wrong[0])}, this job has "
+                           f"{want[wrong[0]]}: pass the same options, another --run, or --force in --args to "
+                           "re-collect it")
+    return wrong == ["seeds"]
+
+
+def todo_shards_job(job):
+    """Check the options, then list the shards to collect. Shards of another --shards count hold other seeds per
+    folder, so they are refused (merge would find seeds twice); --force deletes them and collects anew."""
+    args = parse_job(job)
+    root = os.path.join(job.out, "shards", vjepa_reacher.dataset_name(args.expert, args.epsilon))
+    others = [d for d in sorted(glob.glob(os.path.join(root, "shard_*of*"))) if not d.endswith(f"of{job.shards}")]
+    if others and not args.force:
+        count = others[0].rpartition("of")[2]
+        raise RuntimeError(f"{root} holds shards of --shards {count}, not {job.shards}: pass --shards {count} to "
+                           f"reuse them, or --force in --args to re-collect in {job.shards}")
+    for d in others:
+        shutil.rmtree(d)
+    return [i for i in range(job.shards) if shard_todo(args, job, root, i)]
 
 
 def collect_job(job, shard):
     """Episodes shard, shard+N, ... of the run's seeds, into the shard's own folder (with N > 1 nothing else)."""
-    run_script(cli("collect", job, gpu=True) + ["--shard", f"{shard}/{job.shards}"])
-    return shard
+    call_script(vjepa_reacher.main, cli("collect", job, shard=shard, gpu=True))
 
 
 def merge_job(job):
     """Stream the shards into one memory-mappable dataset; the script refuses missing or overlapping shards."""
-    run_script(cli("merge", job))
-    return os.path.join(job.out, "data", vjepa_reacher.dataset_name(job.expert, job.epsilon))
+    args = parse_job(job)
+    call_script(vjepa_reacher.main, cli("merge", job))
+    return os.path.join(job.out, "data", vjepa_reacher.dataset_name(args.expert, args.epsilon))
 
 
 def bc_eval_job(job):
     """Phase 1: BC on the merged data, then live evaluation with the encoder at every step."""
-    run_script(cli("bc", job, gpu=True))
-    run_script(cli("eval", job, gpu=True))
-
-
-def require_cuda():
-    """Fail in seconds, not after an hour of CPU encoding, when a GPU container cannot use CUDA."""
-    import torch
-    if not torch.cuda.is_available():
-        raise RuntimeError(f"no CUDA in this GPU container (torch {torch.__version__}, built for CUDA "
-                           f"{torch.version.cuda}): the driver may be older than that CUDA, or --gpu named no GPU")
+    call_script(vjepa_reacher.main, cli("bc", job, gpu=True))
+    call_script(vjepa_reacher.main, cli("eval", job, gpu=True))
 
 
 def on_volume(fn, *args):
@@ -142,18 +203,15 @@ def on_volume(fn, *args):
         volume.commit()
 
 
-# ----------------------------------------------------------------------------------------------
-# Modal functions: no secrets here, because `modal run` resolves every declared secret at start
-# ----------------------------------------------------------------------------------------------
+# ---- Modal functions: no secrets here, because `modal run` resolves every declared secret at start ---------------
 @app.function(gpu=GPU, cpu=GPU_CPUS, volumes={VOLUME: volume}, timeout=4 * 3600)
-def collect_shard(job: Job, shard: int) -> int:
-    require_cuda()
-    return on_volume(collect_job, job, shard)
+def collect_shard(job: Job, shard: int):
+    print(f"MUJOCO_GL={os.environ['MUJOCO_GL']}: the {'GPU' if os.environ['MUJOCO_GL'] == 'egl' else 'CPU'} draws")
+    on_volume(collect_job, job, shard)
 
 
 @app.function(gpu=GPU, cpu=GPU_CPUS, volumes={VOLUME: volume}, timeout=4 * 3600)
 def bc_eval(job: Job):
-    require_cuda()
     on_volume(bc_eval_job, job)
 
 
@@ -162,77 +220,71 @@ def merge(job: Job) -> str:
     return on_volume(merge_job, job)
 
 
-@app.function(volumes={VOLUME: volume}, timeout=600)
-def finished_shards(job: Job) -> list[int]:
-    volume.reload()
-    return finished_shards_job(job)
+@app.function(volumes={VOLUME: volume}, timeout=600)  # CPU only: checks options and shards before any GPU starts
+def todo_shards(job: Job) -> list[int]:
+    return on_volume(todo_shards_job, job)
 
 
 @app.function(volumes={VOLUME: volume}, timeout=3 * 3600)  # HF_TOKEN comes from the secret main attaches
 def upload(data_dir: str, hf_repo: str) -> str:
     """Upload the merged dataset as a Hub dataset repo (upload_large_folder is gone in huggingface_hub 2.x)."""
-    from huggingface_hub import HfApi
+    from huggingface_hub import create_repo, upload_folder  # both read HF_TOKEN from the environment
     volume.reload()
-    api = HfApi()  # reads HF_TOKEN from the environment
-    api.create_repo(hf_repo, repo_type="dataset", exist_ok=True)
-    api.upload_folder(folder_path=data_dir, repo_id=hf_repo, repo_type="dataset",
-                      commit_message=f"vjepa-reacher dataset {os.path.basename(data_dir)}")
+    create_repo(hf_repo, repo_type="dataset", exist_ok=True)
+    upload_folder(folder_path=data_dir, repo_id=hf_repo, repo_type="dataset",
+                  commit_message=f"vjepa-reacher dataset {os.path.basename(data_dir)}")
     return f"https://huggingface.co/datasets/{hf_repo}"
 
 
-# ----------------------------------------------------------------------------------------------
-# Entry point
-# ----------------------------------------------------------------------------------------------
-def run_pipeline(job, collect_shards, merge, upload=None, evaluate=None, done_shards=lambda job: []):
-    """Collect the missing shards, merge, then optionally upload and evaluate; returns the merged data folder.
+# ---- Entry point -------------------------------------------------------------------------------------------------
+def step(what, fn, *args):
+    """fn(*args); an exception ends the run with one line naming the step (its traceback is in the logs)."""
+    try:
+        return fn(*args)
+    except Exception as e:
+        raise SystemExit(f"error: {what}: {last_line(e) or repr(e)}") from None
 
-    The remote calls come in as arguments so a test can run this locally:
+
+def run_pipeline(job, todo_shards, collect_shards, merge, upload=None, evaluate=None):
+    """Check options and shards, collect the shards still to do, merge, then optionally upload and evaluate.
+
+    The remote calls come in as arguments so a test can run this locally: todo_shards(job) -> shards to collect;
     collect_shards(job, shards) -> one result per shard, in order, an exception for each that failed;
-    merge(job) -> data folder; upload(data_dir) -> URL; evaluate(job); done_shards(job) -> finished shards.
+    merge(job) -> data folder; upload(data_dir) -> URL; evaluate(job). Returns the merged data folder.
     """
-    if not 0 <= job.epsilon <= 1 or job.episodes < 1 or not 1 <= job.shards <= job.episodes:
-        raise SystemExit("error: need episodes >= shards >= 1 and 0 <= epsilon <= 1")
-    done = set() if job.force else set(done_shards(job))
-    todo = [i for i in range(job.shards) if i not in done]
-    if done:
-        print(f"{len(done)} of {job.shards} shards already finished; collecting {todo}")
-    failed = []
+    todo = step("check", todo_shards, job)
+    if len(todo) < job.shards:
+        print(f"{job.shards - len(todo)} of {job.shards} shards already finished with these options; collecting {todo}")
+    failed = {}
     for i, result in zip(todo, collect_shards(job, todo) if todo else []):
         if isinstance(result, BaseException):
-            failed.append(i)
-            print(f"shard {i}/{job.shards} failed: {result!r}")
-        else:
-            print(f"shard {i}/{job.shards} done")
+            failed[i] = last_line(result) or repr(result)
+        print(f"shard {i}/{job.shards} " + (f"failed: {failed[i]}" if i in failed else "done"))
     if failed:
-        raise SystemExit(f"error: {len(failed)} of {job.shards} shards failed ({failed}); the others are saved: "
-                         "re-run the same command to collect only the missing ones")
-    data_dir = merge(job)
+        raise SystemExit(f"error: {len(failed)} of {job.shards} shards failed ({sorted(failed)}; first: "
+                         f"{failed[min(failed)]}); the others are saved: re-run the same command to collect the rest")
+    data_dir = step("merge", merge, job)
     print("merged ->", data_dir)
     if upload:
-        print("uploaded ->", upload(data_dir))
+        print("uploaded ->", step("upload", upload, data_dir))
     if evaluate:
-        evaluate(job)
+        step("bc + eval", evaluate, job)
         print(f"eval done: `modal volume get vjepa-reacher {job.out.removeprefix(VOLUME + '/')}/report.md .`")
     return data_dir
 
 
 @app.local_entrypoint()
-def main(episodes: int = 5000, shards: int = 10, epsilon: float = 0.3, expert: str = "p",
-         encoder: str = DEFAULT_ENCODER, gpu: str = GPU, steps: int = 200, seed: int = 0, batch_size: int = 32,
-         store_dtype: str = "float32", run: str = "modal", hf_repo: str = "", evaluate: bool = False,
-         eval_episodes: int = 100, force: bool = False):
-    job = Job(f"{VOLUME}/runs/{run}", episodes=episodes, shards=shards, epsilon=epsilon, expert=expert, encoder=encoder,
-              steps=steps, seed=seed, batch_size=batch_size, store_dtype=store_dtype, eval_episodes=eval_episodes,
-              force=force)
+def main(args: str = "", shards: int = 10, gpu: str = GPU, run: str = "modal", hf_repo: str = "",
+         evaluate: bool = False):
+    job = Job(f"{VOLUME}/runs/{run}", step("--args", shlex.split, args), shards)
+    if vjepa_reacher is not None:  # where the script imports, bad options fail here; else in `todo_shards`
+        step("--args", parse_job, job)
     # with_options sends a fresh resource request, so the CPU count goes with the GPU name.
     collect_gpu, bc_eval_gpu = (f.with_options(gpu=gpu, cpu=GPU_CPUS) for f in (collect_shard, bc_eval))
-    uploader = None
     if hf_repo:  # the secret is attached here, so only runs that upload need it (modal 1.6.4 Function.with_options)
         uploader = upload.with_options(secrets=[modal.Secret.from_name("huggingface", required_keys=["HF_TOKEN"])])
-    run_pipeline(job,
-                 # return_exceptions: one failed shard does not cancel the others
+        step("the huggingface secret", uploader.hydrate)  # resolves it now: a missing one fails before any shard
+    run_pipeline(job, todo_shards=todo_shards.remote,  # return_exceptions: a failed shard does not cancel the others
                  collect_shards=lambda job, todo: collect_gpu.starmap([(job, i) for i in todo], return_exceptions=True),
-                 merge=merge.remote,
                  upload=(lambda data_dir: uploader.remote(data_dir, hf_repo)) if hf_repo else None,
-                 evaluate=bc_eval_gpu.remote if evaluate else None,
-                 done_shards=finished_shards.remote)
+                 merge=merge.remote, evaluate=bc_eval_gpu.remote if evaluate else None)
