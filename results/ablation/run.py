@@ -5,7 +5,7 @@ dynamics-training or data knob retrains the mlp (and BC), a BC knob retrains BC,
 base row's model. Every row uses the same data size and planner sizes (below), 50 planning episodes, and is
 compared with the base row by a two-sided Fisher exact test on its success count. From the repo root:
 
-    python results/ablation/run.py            # runs the missing rows (rerunning resumes), then writes README.md
+    python results/ablation/run.py            # runs the missing rows, then writes README.md
     python results/ablation/run.py --table    # only rewrites README.md from the finished rows
 
 Run folders go to runs/ablation/ROW; the small files (JSON, markdown, plots) are copied to results/ablation/ROW.
@@ -57,6 +57,8 @@ def run_row(name):
     """Run one row's stages in runs/ablation/ROW (a copy of the base row's folder unless it starts from data)."""
     knob, value, stages, *plans = ROWS[name]
     out = os.path.join("runs", "ablation", name)
+    if os.path.exists(os.path.join(HERE, name, "results.json")):  # finished and kept
+        return
     if name != "base" and stages[0] != "collect" and not os.path.exists(out):
         shutil.copytree(os.path.join("runs", "ablation", "base"), out,
                         ignore=shutil.ignore_patterns("*.gif", "plan.json", "results.json", "report.md"))
@@ -70,7 +72,7 @@ def run_row(name):
     keep = os.path.join(HERE, name)
     os.makedirs(keep, exist_ok=True)
     for f in glob.glob(os.path.join(ROOT, out, "*")):
-        if f.endswith((".json", ".md", ".png", ".gif")):
+        if f.endswith((".json", ".md", ".png")) or name == "base" and f.endswith(".gif"):  # rollouts: the base's
             shutil.copy(f, keep)
 
 
@@ -93,7 +95,7 @@ def write_table():
             if os.path.exists(os.path.join(HERE, n, "results.json"))}
     base = done.get("base", {})
     rows = [[f"`{ROWS[n][0]}={ROWS[n][1]}`" if ROWS[n][0] else "ours (base)", *row_cells(n, r, base),
-             f"{r.get('plan', {}).get('cem/mlp', {}).get('final_distance', float('nan')):.3f}"]
+             f"{r['plan']['cem/mlp']['final_distance']:.3f}" if "cem/mlp" in r.get("plan", {}) else "-"]
             for n, r in done.items()]
     table = report.md_table(["row (one seed knob)", "CEM/mlp success [95%]", "p vs base", "random/mlp",
                              "p vs base", "BC", "p vs base", "CEM final dist (m)"], rows)

@@ -14,3 +14,9 @@ for stage in collect bc eval explore dynamics plan probe report; do
 done
 mkdir -p results/state-seed
 cp runs/state-seed/*.json runs/state-seed/*.md runs/state-seed/*.png runs/state-seed/*.gif results/state-seed/
+# Our dynamics recipe on the same data, for the k-step table in results/README.md:
+rm -rf runs/ours-on-seed-data && cp -r runs/state-seed runs/ours-on-seed-data && rm -f runs/ours-on-seed-data/plan.json
+python vjepa_reacher.py dynamics --encoder state --recipe ours --episodes 500 --dynamics mlp --force \
+  --out runs/ours-on-seed-data
+mkdir -p results/state-seed/ours-on-seed-data
+cp runs/ours-on-seed-data/dynamics.json runs/ours-on-seed-data/config.json results/state-seed/ours-on-seed-data/
