@@ -48,6 +48,9 @@ def ours(knob, switched):
 def step(i, switched):
     """Run forward step i with the knobs `switched` to ours, in a copy of the previous step's folder."""
     out, prev = os.path.join("runs", "forward", f"step{i}"), os.path.join("runs", "forward", f"step{i - 1}")
+    keep = os.path.join(run.HERE, "forward", f"step{i}")
+    if os.path.exists(os.path.join(keep, "results.json")):  # finished and kept
+        return json.load(open(os.path.join(keep, "results.json")))["plan"]["cem/mlp"]
     if not os.path.exists(os.path.join(run.ROOT, out)):
         shutil.copytree(os.path.join(run.ROOT, prev if i else os.path.join("runs", "state-seed")),
                         os.path.join(run.ROOT, out), ignore=shutil.ignore_patterns("*.gif", "plan.json"))
@@ -58,7 +61,6 @@ def step(i, switched):
         if subprocess.run(cmd, cwd=run.ROOT, env=dict(os.environ, OMP_NUM_THREADS="1")).returncode:
             sys.exit(f"forward step {i}: `{' '.join(cmd)}` failed")
     subprocess.run(["python", "vjepa_reacher.py", "report", "--out", out], cwd=run.ROOT, check=True)
-    keep = os.path.join(run.HERE, "forward", f"step{i}")
     os.makedirs(keep, exist_ok=True)
     for f in os.listdir(os.path.join(run.ROOT, out)):
         if f.endswith((".json", ".md", ".png")):
@@ -72,11 +74,13 @@ if __name__ == "__main__":
         if knob:
             switched.append(ours(knob, [s.split("=") for s in switched]))
         m = step(i, switched)
+        m0 = m if i == 0 else m0
+        p = report.fisher_exact(round(m["success"] * m["n"]), m["n"], round(m0["success"] * m0["n"]), m0["n"])
         lines.append([i, ", ".join(f"`{s}`" for s in switched) or "the seed's recipe", report.fmt_rate(m), m["n"],
-                      f"{m['final_distance']:.3f}"])
+                      "" if i == 0 else f"{p:.2g}", f"{m['final_distance']:.3f}"])
         if m["success"] >= 0.9:
             break
     table = report.md_table(["step", "our knobs switched on (cumulative)", "CEM/mlp success [95%]", "n",
-                             "final dist (m)"], lines)
+                             "p vs step 0", "final dist (m)"], lines)
     report.write_text(os.path.join(run.HERE, "forward.md"), table + "\n")
     print(table)
