@@ -623,7 +623,9 @@ def episode_seeds(kind, n, seed, same_as_seed_code=False):
     exploration with same_as_seed_code (the seed reused its demo seeds)."""
     if n > MAX_EPISODES:
         raise UserError(f"at most {MAX_EPISODES:,} episodes per range, got {n:,}")
-    start = HELD_OUT[kind] if kind in HELD_OUT else 0 if same_as_seed_code else training_base(kind, seed)
+    if kind in HELD_OUT:
+        return [HELD_OUT[kind] + i for i in range(n)]
+    start = 0 if same_as_seed_code else training_base(kind, seed)
     return [start + i for i in range(n)]
 
 
@@ -999,7 +1001,7 @@ def kstep_error(model, z, actions, episodes, model_space, common, k_max=10):
     (mean, std) space for every model (a raw-latent model's predictions are standardised into it), and the 'copy'
     baseline ||z_t - z_{t+k}|| that a model which learned nothing matches. model_space: the model's (mean, std)."""
     device = next(model.parameters()).device
-    (mean, std), (c_mean, c_std) = [[torch.from_numpy(x).to(device) for x in s] for s in (model_space, common)]
+    mean, std, c_mean, c_std = (torch.from_numpy(x).to(device) for x in (*model_space, *common))
     same = all(np.array_equal(a, b) for a, b in zip(model_space, common))
     T, k_max = actions.shape[1], min(k_max, actions.shape[1])
     errs, copy_z, count = np.zeros(k_max), np.zeros(k_max), 0
