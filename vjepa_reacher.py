@@ -1242,14 +1242,16 @@ def stage_eval(args, encoder):
     print(report.phase1_table(dict(results, encoder=encoder.info()), args.steps))
 
 
-def run_sac(args, encoder, data, result, name):
+def run_sac(args, encoder, data, standardisation, result, name):
     """One SAC variant ('rl', or 'rl+demos' with half of each batch from the Phase 1 demos, as RLPD): trained,
     then its deterministic policy evaluated on the evaluation episodes; its actor and rl.json are saved."""
-    t0, (mean, std) = time.time(), standardizer(data["z"], np.arange(len(data["z"])))
-    demos = [{k: data[k][e] for k in ("z", "actions", "rewards")} for e in range(len(data["z"]))]
+    t0, (mean, std) = time.time(), standardisation
     per_episode, repeat = args.steps // args.action_repeat * args.action_repeat, args.action_repeat
-    agent = sac.SACAgent(encoder.dim, mean, std, repeat, seed=args.seed, device=args.device,
-                         demos=sac.demo_buffer(demos, encoder.dim, repeat) if "demos" in name else None,
+    demos = None
+    if "demos" in name:  # half of each batch from the Phase 1 demos
+        episodes = [{k: data[k][e] for k in ("z", "actions", "rewards")} for e in range(len(data["z"]))]
+        demos = sac.demo_buffer(episodes, encoder.dim, repeat)
+    agent = sac.SACAgent(encoder.dim, mean, std, repeat, seed=args.seed, device=args.device, demos=demos,
                          capacity=math.ceil(args.rl_steps / per_episode) * (per_episode // repeat),
                          learning_starts=min(5_000, args.rl_steps // 4))  # quick runs learn too
     eval_envs = Envs(min(args.eval_episodes, args.batch_size), frames_for(encoder), args.render == "lean", None, repeat)
@@ -1283,9 +1285,10 @@ def stage_rl(args, encoder):
     folder = data_dir(args, args.expert, args.epsilon)
     data = load_dataset(folder, encoder)
     result.update(standardisation=f"the Phase 1 data ({os.path.relpath(folder, args.out)})", steps=args.steps)
+    standardisation = standardizer(data["z"], np.arange(len(data["z"])))  # once, for every variant
     with cpu_threads(1 if args.device == "cpu" and encoder.dim < 512 else None):  # SAC's nets are small; ViT-L's not
         for name in todo:
-            run_sac(args, encoder, data, result, name)
+            run_sac(args, encoder, data, standardisation, result, name)
     print(report.rl_section({"rl": result, "encoder": encoder.info()}))
 
 
