@@ -50,7 +50,21 @@ ROWS = {"base": (None, None, RETRAIN),
         "bc_weight_decay": ("bc_weight_decay", "0", ["bc", "eval"]),
         "bc_batch_size": ("bc_batch_size", "512", ["bc", "eval"]),
         "bc_split": ("bc_split", "transition", ["bc", "eval"]),
-        "bc_norm": ("bc_norm", "all", ["bc", "eval"])}
+        "bc_norm": ("bc_norm", "all", ["bc", "eval"]),
+        # The knobs that act only on mlp_rollout5 or resblock: compared with base_models, our recipe's own
+        # mlp_rollout5 and resblock on the same data (same commands as base), each planned with CEM.
+        "base_models": (None, None, ["collect", "explore", "dynamics", "plan"], ["cem/mlp_rollout5", "cem/resblock"]),
+        "rollout_loss": ("rollout_loss", "weighted", ["dynamics", "plan"], ["cem/mlp_rollout5"]),
+        "rollout_sampling": ("rollout_sampling", "one-start", ["dynamics", "plan"], ["cem/mlp_rollout5"]),
+        "rollout_epochs": ("rollout_epochs", "150", ["dynamics", "plan"], ["cem/mlp_rollout5"]),
+        "resblock_relu": ("resblock_relu", "on", ["dynamics", "plan"], ["cem/resblock"])}
+MODEL_PLANS = ("cem/mlp_rollout5", "cem/resblock")
+
+
+def base_of(name):
+    """The row a row is compared with and copied from: base_models for the mlp_rollout5/resblock rows."""
+    plans = ROWS[name][3] if len(ROWS[name]) > 3 else []
+    return "base_models" if name != "base_models" and set(plans) & set(MODEL_PLANS) else "base"
 
 
 def run_row(name):
@@ -59,12 +73,14 @@ def run_row(name):
     out = os.path.join("runs", "ablation", name)
     if os.path.exists(os.path.join(HERE, name, "results.json")):  # finished and kept
         return
-    if name != "base" and stages[0] != "collect" and not os.path.exists(out):
-        shutil.copytree(os.path.join("runs", "ablation", "base"), out,
+    if stages[0] != "collect" and not os.path.exists(out):
+        shutil.copytree(os.path.join("runs", "ablation", base_of(name)), out,
                         ignore=shutil.ignore_patterns("*.gif", "plan.json", "results.json", "report.md"))
     extra = (["--set", f"{knob}={value}"] if knob else []) + (["--plans", *plans[0]] if plans else [])
+    models = [p.split("/")[1] for p in (plans[0] if plans else []) if p in MODEL_PLANS]
+    extra += ["--dynamics", *models] if models else []
     for stage in stages:
-        force = ["--force"] if name != "base" and stage in ("bc", "eval", "dynamics") else []
+        force = ["--force"] if knob and stage in ("bc", "eval", "dynamics") else []
         cmd = ["python", "vjepa_reacher.py", stage, *COMMON, *extra, *force, "--out", out]
         if subprocess.run(cmd, cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1")).returncode:
             sys.exit(f"row {name}: `{' '.join(cmd)}` failed")
@@ -89,6 +105,21 @@ def row_cells(name, results, base):
     return cells
 
 
+def model_table(done):
+    """The mlp_rollout5 and resblock rows: CEM on the model the knob retrains, against base_models' same model."""
+    rows, base = [], done.get("base_models", {}).get("plan", {})
+    for n in [n for n in done if n == "base_models" or base_of(n) == "base_models"]:
+        for key, m in done[n]["plan"].items():
+            b = base.get(key)
+            p = "" if n == "base_models" or b is None else report.fisher_exact(
+                round(m["success"] * m["n"]), m["n"], round(b["success"] * b["n"]), b["n"])
+            rows.append([f"`{ROWS[n][0]}={ROWS[n][1]}`" if ROWS[n][0] else "ours (base_models)", f"`{key}`",
+                         f"{report.fmt_rate(m)} (n={m['n']})", p if p == "" else f"{p:.2g}",
+                         f"{m['final_distance']:.3f}", f"{done[n]['dynamics'][key.split('/')[1]]['kstep_error'][0]:.3f}"])
+    return report.md_table(["row (one seed knob)", "planner", "success [95%]", "p vs base_models", "final dist (m)",
+                            "1-step error"], rows)
+
+
 def write_table():
     """README.md: one row per finished knob, with the Wilson intervals and Fisher's p against the base row."""
     done = {n: json.load(open(os.path.join(HERE, n, "results.json"))) for n in ROWS
@@ -96,9 +127,10 @@ def write_table():
     base = done.get("base", {})
     rows = [[f"`{ROWS[n][0]}={ROWS[n][1]}`" if ROWS[n][0] else "ours (base)", *row_cells(n, r, base),
              f"{r['plan']['cem/mlp']['final_distance']:.3f}" if "cem/mlp" in r.get("plan", {}) else "-"]
-            for n, r in done.items()]
+            for n, r in done.items() if base_of(n) == "base" and n != "base_models"]
     table = report.md_table(["row (one seed knob)", "CEM/mlp success [95%]", "p vs base", "random/mlp",
                              "p vs base", "BC", "p vs base", "CEM final dist (m)"], rows)
+    table += "\n\n" + model_table(done)
     header = open(os.path.join(HERE, "README.md")).read().split("<!-- table -->")[0]
     report.write_text(os.path.join(HERE, "README.md"), header + "<!-- table -->\n\n" + table + "\n")
     print(table)
