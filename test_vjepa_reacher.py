@@ -560,6 +560,20 @@ def test_dynamics_with_a_zeroed_last_layer_is_the_identity(name):
     assert torch.equal(model(z, a), z)  # f(z, a) = z + net([z, a]) exactly
 
 
+def test_the_seeds_one_start_batches_apply_to_its_5_step_model_only(monkeypatch):
+    """Its 1-step mlp and resblock trained on every transition in batches of 256; only its 5-step model on
+    batches of 64 episodes sharing one start. 10 episodes of 20 steps, the last 2 held out (contiguous)."""
+    seen = {}
+    monkeypatch.setattr(vr, "fit", lambda model, loss, n_train, n_val, cfg, desc: seen.setdefault(desc, (
+        n_train, cfg["batch_size"])) and {"kept_val": 0.0, "kept_epoch": 0, "history": {}})
+    rng = np.random.default_rng(0)
+    data = {"z": rng.normal(size=(10, 21, 4)).astype(np.float32), "actions": rng.uniform(-1, 1, (10, 20, 2))}
+    args = vr.parse_args(["dynamics", "--recipe", "seed", "--device", "cpu"])
+    for name in ("mlp", "mlp_rollout5", "resblock"):
+        vr.train_dynamics(name, data, args, epochs=1)
+    assert seen == {"dynamics mlp": (8 * 20, 256), "dynamics mlp_rollout5": (8, 64), "dynamics resblock": (8 * 20, 256)}
+
+
 def test_resblock_post_add_relu():
     block = vr.ResBlock(4, post_relu=True)
     torch.nn.init.zeros_(block.block[3].weight), torch.nn.init.zeros_(block.block[3].bias)

@@ -973,7 +973,7 @@ def train_dynamics(name, data, args, epochs):
     weights = [1.0] * k if args.rollout_loss == "sum" else [(h + 1) / k / k for h in range(k)]
     model = Dynamics(name, z.shape[-1], args.resblock_relu == "on").to(device)
     start_rng = np.random.default_rng([args.seed, 4])
-    one_start = args.rollout_sampling == "one-start"
+    one_start = args.rollout_sampling == "one-start" and k > 1  # the seed's 1-step models saw every transition
 
     def batch_loss(idx, split):
         if split == "train" and one_start:  # the seed's batches: 64 training episodes sharing one random start
