@@ -26,6 +26,7 @@ import pytest
 import torch
 
 import report
+import rope
 import sac
 import vjepa_reacher as vr
 
@@ -504,6 +505,85 @@ def test_loading_tiny_leaves_the_callers_rng_alone():
     assert all(torch.equal(x, y) for x, y in zip(a.model.parameters(), b.model.parameters()))
 
 
+def vitl_config(layers=2):
+    """ViT-L's widths (1024 wide, 16 heads of 64, patch 16, crop 256) at `layers` depth, 8 frames a clip."""
+    from transformers import VJEPA2Config
+    return VJEPA2Config(num_hidden_layers=layers, crop_size=256, frames_per_clip=vr.WINDOW)
+
+
+def last_hidden(model, x, autocast=None):
+    with torch.inference_mode(), torch.autocast("cpu", autocast, enabled=autocast is not None):
+        return model.encoder(pixel_values_videos=x).last_hidden_state
+
+
+@pytest.mark.parametrize("shape", ["tiny", "vitl"])
+def test_rope_cache_is_bit_identical_to_transformers_at_the_checkpoint_size(shape):
+    config = vr.tiny_config() if shape == "tiny" else vitl_config()
+    ref, ours = vr.random_vjepa2(config, 0).eval(), vr.random_vjepa2(config, 0).eval()
+    tables = rope.install(ours, "input")
+    x = torch.randn(2, vr.WINDOW, 3, 256, 256)
+    assert torch.equal(last_hidden(ref, x), last_hidden(ours, x))  # fp32
+    assert torch.equal(last_hidden(ref, x, torch.bfloat16), last_hidden(ours, x, torch.bfloat16))  # bf16 autocast
+    ref, ours = ref.to(torch.bfloat16), ours.to(torch.bfloat16)  # bf16 weights
+    assert torch.equal(last_hidden(ref, x.bfloat16()), last_hidden(ours, x.bfloat16()))
+    assert [k[-1] for k in tables.tables] == [torch.float32, torch.bfloat16]  # built once a dtype, not per layer
+
+
+def test_rope_positions_follow_the_input_grid_at_224_px():
+    config = vitl_config()
+    ref, ours = vr.random_vjepa2(config, 0).eval(), vr.random_vjepa2(config, 0).eval()
+    tables = rope.install(ours, "input")
+    own = [layer.attention.get_position_ids(torch.empty(1, 784, 1)) for layer in ref.encoder.layer][0]
+    for layer in ref.encoder.layer:  # transformers' own arithmetic, told the true 14 x 14 grid
+        layer.attention.grid_size = 224 // 16
+    x = torch.randn(1, vr.WINDOW, 3, 224, 224)
+    assert torch.equal(last_hidden(ref, x), last_hidden(ours, x)) and tables.thw == (4, 14, 14)
+    ids = torch.arange(784)
+    frame, row, column = tables.positions(784, "cpu")
+    assert torch.equal(frame, ids // 196) and torch.equal(row, ids % 196 // 14) and torch.equal(column, ids % 14)
+    wrong = (own[0] != frame) | (own[1] != row) | (own[2] != column)  # transformers' 16-wide grid at 224 px
+    assert int(wrong.sum()) == 770
+
+
+def test_seed_recipe_keeps_transformers_token_positions():
+    assert vr.parse_args(["plan", "--recipe", "seed"]).rope_grid == "checkpoint"
+    assert vr.parse_args(["plan"]).rope_grid == "input"
+    windows = np.random.default_rng(1).integers(0, 256, (2, vr.WINDOW, 224, 224, 3), dtype=np.uint8)
+    seed_like = vr.load_encoder("tiny", precision="fp32", positions="checkpoint", frame_size=224)
+    with torch.inference_mode():  # transformers' untouched model, positions on its 256 px crop's grid
+        plain = vr.random_vjepa2(vr.tiny_config(), 0).eval().encoder
+        ref = plain(pixel_values_videos=vr.preprocess(torch.from_numpy(windows), torch.float32)).last_hidden_state
+    assert torch.equal(vr.encode(seed_like, windows), ref.mean(1))
+    ours = vr.load_encoder("tiny", precision="fp32", frame_size=224)
+    assert not torch.equal(vr.encode(ours, windows), ref.mean(1))  # 7 x 7 patches: the positions now differ
+    assert seed_like.info()["rope"] == "cached, checkpoint grid" and ours.info()["rope"] == "cached, input grid"
+
+
+def test_rope_cache_steps_aside_for_an_attention_it_was_not_written_for(capsys):
+    model = vr.random_vjepa2(vr.tiny_config(), 0).eval()
+    for layer in model.encoder.layer:
+        layer.attention.d_dim = 2  # as if a later transformers rotated fewer dimensions
+    x = torch.randn(1, vr.WINDOW, 3, 256, 256)
+    before = last_hidden(model, x)
+    assert rope.install(model, "input") is None
+    assert "RoPE cache" in capsys.readouterr().err and not model.encoder.embeddings._forward_pre_hooks
+    assert torch.equal(last_hidden(model, x), before)  # transformers' own code still runs
+    assert vr.Encoder("x", 64, model).info()["rope"] == "transformers' own (checkpoint grid)"
+
+
+def test_fp16_weights_agree_with_fp32_on_a_random_vitl():
+    """The encoder's CUDA default (fp16 weights) on all 24 layers of a random ViT-L, here on the CPU."""
+    model = vr.random_vjepa2(vitl_config(24), 0).eval().requires_grad_(False)
+    fp32 = vr.Encoder("vitl", 1024, model, precision="fp32", rope=rope.install(model, "input"))
+    half = vr.variant(fp32, "half")
+    assert half.model is not model and half.rope is not fp32.rope and half.rope.grid == "input"
+    windows = np.random.default_rng(2).integers(0, 256, (1, vr.WINDOW, 256, 256, 3), dtype=np.uint8)
+    a, b = vr.encode(fp32, windows), vr.encode(half, windows)
+    assert torch.isfinite(b).all() and torch.nn.functional.cosine_similarity(a, b).item() >= 0.999
+    assert half.rope.thw == (4, 16, 16) and [k[-1] for k in half.rope.tables] == [torch.float16]
+    assert vr.variant(vr.Encoder("x", 64, model, device="cuda"), "auto").precision == "half"
+
+
 # The default encoder with no network and an empty cache, in a fresh process (so HF_HOME is read anew).
 # Every socket is refused and every DNS lookup fails, and the script's one reachability check is recorded.
 OFFLINE = """
@@ -782,6 +862,54 @@ def test_cem_returns_the_best_sample_seen_and_mpc_best_executes_its_first_action
     fn = vr.latent_cost(Zero(), torch.zeros(1, 2), torch.zeros(1, 2), "final")
     best, _, _ = vr.cem(fn, 1, 3, samples=64, elites=8, iterations=3, init_std=0.5, generator=g)
     np.testing.assert_allclose(action, best[:, 0].numpy())
+
+
+def test_static_cem_is_cem_on_fixed_buffers_with_noise_drawn_up_front():
+    model = vr.Dynamics("mlp", 10).eval()
+    z, goal, mean = torch.randn(3, 10), torch.randn(3, 10), torch.zeros(3, 5, 2)
+    fn, sizes = vr.latent_cost(model, z, goal), dict(samples=32, elites=4, iterations=3, init_std=1.0)
+    g1, g2 = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
+    drawn = vr.cem(fn, 3, 5, mean=mean, generator=g1, **sizes)
+    up_front = torch.stack([torch.randn(3, 32, 5, 2, generator=g2) for _ in range(3)])
+    assert all(torch.equal(a, b) for a, b in zip(drawn, vr.cem(fn, 3, 5, mean=mean, noise=up_front, **sizes)))
+    args = vr.parse_args(["plan", "--samples", "32", "--elites", "4", "--iterations", "3", "--horizon", "5",
+                          "--set", "plan_graph=on", "--device", "cpu"])
+    mpc = vr.MPC(model, {}, np.zeros(10, np.float32), np.ones(10, np.float32), args, "cem")
+    noise = torch.empty(3, 3, 32, 5, 2).normal_(generator=torch.Generator().manual_seed(args.seed))
+    best, m = mpc.static_cem(z, goal, mean)  # on the CPU the graph's code runs eagerly
+    expected = vr.cem(fn, 3, 5, mean=mean, noise=noise, **sizes)
+    assert torch.equal(best, expected[0]) and torch.equal(m, expected[1]) and list(mpc.graphs) == [3]
+    again, _ = mpc.static_cem(z, goal, mean)  # the same buffers, fresh noise
+    assert list(mpc.graphs) == [3] and not torch.equal(again, best)
+    with vr.tf32("cuda"):  # TF32 only while planning, and only where it means something
+        assert torch.backends.cuda.matmul.fp32_precision == "tf32"
+    assert torch.backends.cuda.matmul.fp32_precision != "tf32"
+
+
+def test_half_and_static_planning_keep_fp32s_success_on_the_oracle(state_run, tmp_path):
+    out = str(tmp_path / "run")
+    shutil.copytree(state_run[0], out)
+    rates = {}
+    for name, knob in (("fp32", "plan_dtype=fp32"), ("bf16", "plan_dtype=bf16"), ("static", "plan_graph=on")):
+        ok("plan", "--quick", "--encoder", "state", "--dynamics", "mlp", "--plans", "cem/mlp", "--plan-episodes", "10",
+           "--force", "--set", knob, "--out", out)
+        rates[name] = results(out)["plan"]["cem/mlp"]
+    low, high = rates["fp32"]["success_ci"]
+    assert rates["fp32"]["n"] == 10 and all(low <= rates[k]["success"] <= high for k in ("bf16", "static"))
+    assert rates["bf16"]["episodes"] != rates["fp32"]["episodes"]  # the bf16 rollouts did run
+
+
+def test_compiled_encoder_pads_the_last_batch_and_never_recompiles(monkeypatch):
+    assert vr.parse_args(["all"]).compile == "off" and vr.parse_args(["all"]).plan_graph == "off"  # opt-in
+    torch._dynamo.reset()
+    monkeypatch.setattr(torch._dynamo.config, "error_on_recompile", True)
+    windows = np.random.default_rng(4).integers(0, 256, (6, vr.WINDOW, 256, 256, 3), dtype=np.uint8)
+    plain = vr.encode(vr.load_encoder("tiny", precision="fp32", batch_size=4), windows)
+    compiled = vr.compile_encoder(vr.load_encoder("tiny", precision="fp32", batch_size=4), backend="eager")
+    z = vr.encode(compiled, windows)  # batches of 4 and 2: the 2 go padded to 4, so one shape only
+    assert z.shape == (6, 64) and hasattr(compiled.model.encoder, "_orig_mod")
+    torch.testing.assert_close(z, plain, rtol=1e-5, atol=1e-6)
+    torch._dynamo.reset()
 
 
 def test_mpc_moves_a_linear_system_to_its_goal():
@@ -1289,6 +1417,7 @@ def test_all_quick_with_tiny_vjepa2_then_report(tiny_run):
     out = tiny_run
     r = results(out)
     assert r["encoder"]["id"] == "tiny" and r["encoder"]["dim"] == 64
+    assert r["encoder"]["rope"] == "cached, input grid" and r["config"]["encoder_info"] == r["encoder"]
     assert set(r["plan"]) == set(vr.PLANS) and set(r["dynamics"]) == set(vr.DYNAMICS)
     assert set(r["probe"]) == {"encoder", "random_init", "state"} and "rl" in r["eval"]
     assert r["rl"]["runs"]["rl"]["env_steps"] == 80
@@ -1331,6 +1460,7 @@ def test_seed_recipe_runs_and_is_recorded(tmp_path, encoder):
     assert "Recipe `seed`" in text and "reproduced on purpose by `--recipe seed`" in text  # the seed's quirks, named
     if encoder == "tiny":
         assert "224 px" in text and "x8" in text
+        assert cfg["rope_grid"] == "checkpoint" and cfg["encoder_info"]["rope"] == "cached, checkpoint grid"
     else:
         assert "another episode" in text
 

@@ -108,10 +108,16 @@ KNOBS = {
     "plan_frame_size": Knob(224, "mpc_planner.py ~31-35", None, "goals and MPC (ours: frame_size)"),
     "render": Knob("full", "gen ~74-78", "lean", "no shadows, reflections, skybox: same arm and target, faster"),
     "episode_seeds": Knob("seed", "gen ~120-126", "ours", "seed: 0..N-1 for demos and exploration alike"),
-    "precision": Knob("half", "gen at 8c91016 ~67-71", "auto", "auto: fp16/bf16 autocast (variant)", ("fp32",)),
+    "precision": Knob("half", "gen at 8c91016 ~67-71", "auto", "auto: fp16 weights on CUDA, bf16 autocast on CPU",
+                      ("fp32", "fp16", "bf16")),
     "plan_precision": Knob("fp32", "mpc_planner.py ~153-155", None, "MPC's (ours: precision)", ("half", "auto")),
     "encoder_forward": Knob("full", "gen ~89-106", "encoder", "the predictor adds compute, not embedding"),
     "plan_dtype": Knob("fp32", "mpc_planner.py", "fp32", "planning rollouts (bf16: fp16 on CUDA)", ("bf16",)),
+    "plan_graph": Knob("off", "mpc_planner.py", "off", "CEM's iterations as one CUDA graph (opt-in: never yet run on "
+                       "a GPU)", ("on",)),
+    "compile": Knob("off", "gen", "off", "torch.compile the encoder (opt-in: never yet run on a GPU)", ("on",)),
+    "rope_grid": Knob("checkpoint", "transformers' VJEPA2", "input", "token positions: the input's own grid, or the "
+                      "checkpoint's 16 x 16 (wrong at 224 px)"),
 }
 RECIPES = {"seed": {k: v.seed for k, v in KNOBS.items()}, "ours": {k: v.ours for k, v in KNOBS.items()}}
 # --quick: smoke-sized runs on 2 CPU cores; it fills what you did not type, before the recipe. Planner sizes
@@ -268,7 +274,8 @@ import torch.nn as nn  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-import report  # noqa: E402  (report.py and sac.py import nothing back)
+import report  # noqa: E402  (report.py, rope.py and sac.py import nothing back)
+import rope  # noqa: E402
 import sac  # noqa: E402
 from report import UserError, atomic_path, load_json, save_json  # noqa: E402
 
@@ -443,29 +450,33 @@ class Encoder:
     forward: str = "encoder"
     form: str = "window"
     batch_size: int = 32
+    positions: str = "input"  # RoPE token grid: the input's, or the checkpoint's (rope.py)
+    rope: object = None  # the installed rope.Tables; None: transformers' own rotary code runs
 
     @property
     def pixels(self):
         return self.model is not None
 
     def info(self):
-        return {"id": self.id, "dim": self.dim, "precision": self.precision}
+        rope = f"cached, {self.rope.grid} grid" if self.rope else "transformers' own (checkpoint grid)"
+        return {"id": self.id, "dim": self.dim, "precision": self.precision} | ({"rope": rope} if self.pixels else {})
 
 
 def variant(encoder, precision=None, **changes):
     """The same encoder at another precision, frame size or form (the seed's MPC: fp32, 224 px, one frame x8).
-    auto: fp16 autocast on CUDA; bf16 autocast on CPUs with native bf16 (ViT-L measured here: 4.5 s -> 2.6 s a
-    window); fp32 elsewhere. `half` casts the weights (a copy) to fp16, as the seed did."""
+    auto: fp16 weights on CUDA; bf16 autocast on CPUs with native bf16 (ViT-L measured here: 4.5 s -> 2.6 s a
+    window); fp32 elsewhere. `half` casts the weights (a copy) to fp16, as the seed did; fp16/bf16: autocast."""
     precision = precision or encoder.precision
     if precision == "auto" and encoder.device.startswith("cuda"):
-        precision = "fp16"
+        precision = "half"  # fp16 weights: autocast would re-cast every frozen weight on every forward
     elif precision == "auto":  # measured: bf16 makes the 64-d `tiny` slower (casts outweigh its small matmuls)
         check = getattr(torch.cpu, "_is_avx512_bf16_supported", None)  # torch has it only as a private helper
         precision = "bf16" if encoder.dim >= 512 and check and check() else "fp32"
-    model = encoder.model
+    model, copied = encoder.model, {}
     if model is not None and (precision == "half") != (encoder.precision == "half"):
-        model = copy.deepcopy(model).to(torch.float16 if precision == "half" else torch.float32)
-    return dataclasses.replace(encoder, model=model, precision=precision, **changes)
+        model = copy.deepcopy(model, copied).to(torch.float16 if precision == "half" else torch.float32)
+    rope = copied.get(id(encoder.rope), encoder.rope)  # the copy's hooks use a copy of the tables
+    return dataclasses.replace(encoder, model=model, precision=precision, rope=rope, **changes)
 
 
 def tiny_config():
@@ -508,7 +519,7 @@ def load_pretrained(name_or_path):
 
 def load_encoder(name_or_path, device="cpu", precision="auto", seed=0, **feed):
     """A frozen encoder: 'state', 'tiny' (random weights from `seed`), a V-JEPA 2 hub id or a local
-    save_pretrained folder. feed: frame_size, forward, form, batch_size (see Encoder)."""
+    save_pretrained folder. feed: frame_size, forward, form, batch_size, positions (see Encoder)."""
     if name_or_path == "state":
         return Encoder("state", len(STATE_NAMES), device=device, **feed)
     if name_or_path == "tiny":
@@ -516,7 +527,8 @@ def load_encoder(name_or_path, device="cpu", precision="auto", seed=0, **feed):
     else:
         model = load_pretrained(name_or_path)
     model = model.to(device).eval().requires_grad_(False)
-    return variant(Encoder(name_or_path, model.config.hidden_size, model, device, **feed), precision)
+    encoder = Encoder(name_or_path, model.config.hidden_size, model, device, **feed)
+    return variant(dataclasses.replace(encoder, rope=rope.install(model, encoder.positions)), precision)
 
 
 def preprocess(windows, dtype):
@@ -548,11 +560,24 @@ def encode(encoder, windows):
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "half": torch.float16}.get(encoder.precision)
     autocast = dtype is not None and encoder.precision != "half"  # half: the weights are fp16 already
     net = encoder.model if encoder.forward == "full" else encoder.model.encoder
+    fixed = hasattr(encoder.model.encoder, "_orig_mod")  # compiled for one batch shape: pad the last batch to it
     z = []
     for batch in windows.split(encoder.batch_size):
+        n = len(batch)
+        if fixed:
+            batch = torch.cat([batch, batch[-1:].expand(encoder.batch_size - n, *batch.shape[1:])])
         with torch.autocast(windows.device.type, dtype=dtype, enabled=autocast):
-            z.append(net(pixel_values_videos=preprocess(batch, dtype or torch.float32)).last_hidden_state)
+            z.append(net(pixel_values_videos=preprocess(batch, dtype or torch.float32)).last_hidden_state[:n])
     return torch.cat([tokens.float().mean(1) for tokens in z])
+
+
+def compile_encoder(encoder, backend="inductor"):
+    """--compile (opt-in): torch.compile of V-JEPA 2's encoder for one batch shape, dynamic=False (`encode` pads
+    the last batch to it), so nothing recompiles within a frame size. It compiles at the first batch."""
+    if encoder.pixels:  # one eager window first builds the RoPE tables, or the compiled graph would recompile once
+        encode(encoder, torch.zeros((1, WINDOW, encoder.frame_size, encoder.frame_size, 3), dtype=torch.uint8))
+        encoder.model.encoder = torch.compile(encoder.model.encoder, backend=backend, dynamic=False)
+    return encoder
 
 
 # ---- Rolling out episodes: collection, evaluation, MPC and RL all step through this one loop ---------------------
@@ -561,11 +586,18 @@ def frames_for(encoder):
     return encoder.frame_size if encoder.pixels else None
 
 
+def upload(array, device):
+    """numpy -> device; on CUDA through pinned memory, so the copy is asynchronous (pageable memory would make
+    non_blocking a no-op). Embeddings stay on the device until the episode ends: no sync a step."""
+    x = torch.from_numpy(array)
+    return x.pin_memory().to(device, non_blocking=True) if device.startswith("cuda") else x.to(device)
+
+
 def run_chunk(seeds, policy, encoder, envs, T, keep_z, keep_frames):
     """One lockstep batch of episodes (len(seeds) <= envs.n), T decisions each -> one dict per episode. The
     window (B, 8, ...) lives on the encoder's device and rolls by one frame a step, front-padded at reset."""
     obs, key = envs.reset(seeds), "frame" if encoder.pixels else "state"  # what fills the window
-    new = torch.from_numpy(obs[key]).to(encoder.device, non_blocking=True)  # one upload a step, uint8 for frames
+    new = upload(obs[key], encoder.device)  # one upload a step, uint8 for frames
     window = new[:, None].repeat(1, WINDOW, *[1] * (new.dim() - 1))
     z = [encode(encoder, window) if keep_z else None]
     states, frames = [obs["state"]], [obs.get("frame")]
@@ -574,7 +606,7 @@ def run_chunk(seeds, policy, encoder, envs, T, keep_z, keep_frames):
         action = policy(z[-1], dict(obs, seed=seeds))
         obs, rewards[:, t] = envs.step(action)  # the policy's own values: stored below as float32
         actions[:, t] = action
-        new = torch.from_numpy(obs[key]).to(encoder.device, non_blocking=True)
+        new = upload(obs[key], encoder.device)
         window = torch.cat([window[:, 1:], new[:, None]], 1)
         z.append(encode(encoder, window) if keep_z else None)
         states.append(obs["state"])
@@ -1022,7 +1054,7 @@ def kstep_error(model, z, actions, episodes, model_space, common, k_max=10):
 
 # ---- Planners: CEM and random shooting (CEM with one iteration), batched over episodes ---------------------------
 def cem(cost_fn, batch, horizon, action_dim=2, samples=500, elites=50, iterations=5, mean=None, std=None,
-        init_std=1.0, min_std=0.05, uniform_first=False, generator=None, device="cpu"):
+        init_std=1.0, min_std=0.05, uniform_first=False, generator=None, device="cpu", noise=None):
     """Cross-entropy method over action sequences, for `batch` independent problems at once.
 
     cost_fn(actions (batch, samples, horizon, action_dim)) -> costs (batch, samples).
@@ -1031,7 +1063,8 @@ def cem(cost_fn, batch, horizon, action_dim=2, samples=500, elites=50, iteration
     2. score them with cost_fn and keep the `elites` lowest-cost sequences (topk);
     3. refit mean and std to the elites, std clamped below at min_std; repeat `iterations` times.
     Returns (the lowest-cost sequence seen in any iteration (batch, horizon, A), mean, std).
-    With iterations=1, elites=1 and uniform_first=True this is random shooting.
+    With iterations=1, elites=1 and uniform_first=True this is random shooting. noise: the standard normal draws
+    (iterations, batch, samples, horizon, A) made up front, e.g. for a CUDA graph; else drawn from `generator`.
     """
     shape = (batch, horizon, action_dim)
     mean = torch.zeros(shape, device=device) if mean is None else mean
@@ -1041,8 +1074,9 @@ def cem(cost_fn, batch, horizon, action_dim=2, samples=500, elites=50, iteration
         if uniform_first and i == 0:
             actions = torch.rand((batch, samples) + shape[1:], generator=generator, device=device) * 2 - 1
         else:
-            noise = torch.randn((batch, samples) + shape[1:], generator=generator, device=device)
-            actions = (mean[:, None] + std[:, None] * noise).clamp(-1, 1)
+            draw = noise[i] if noise is not None else torch.randn((batch, samples) + shape[1:], generator=generator,
+                                                                   device=device)
+            actions = (mean[:, None] + std[:, None] * draw).clamp(-1, 1)
         costs = cost_fn(actions)
         elite_cost, elite_idx = costs.topk(elites, dim=1, largest=False)  # (batch, elites), best first
         elite = actions.gather(1, elite_idx[..., None, None].expand(-1, -1, horizon, action_dim))
@@ -1057,20 +1091,34 @@ def cem(cost_fn, batch, horizon, action_dim=2, samples=500, elites=50, iteration
 def latent_cost(model, z, z_goal, cost="final", dtype=torch.float32):
     """cost_fn for `cem`: L2 distance of the imagined latents to z_goal (both (batch, D), standardised), at the
     last step ('final': ours, and the seed's random shooting) or weighted (t+1)/H over the horizon ('weighted': the
-    seed's CEM). dtype bf16/fp16 runs the rollouts under autocast."""
+    seed's CEM). dtype bf16/fp16 runs the rollouts under autocast; a model with half weights runs in its dtype."""
+    weights = next(model.parameters(), torch.empty(0)).dtype  # fp32 for a model without parameters
+
     def cost_fn(actions):
         B, S, H, A = actions.shape
-        zz = z[:, None].expand(B, S, -1).reshape(B * S, -1)
+        zz = z[:, None].expand(B, S, -1).reshape(B * S, -1).to(weights)
         goal = z_goal[:, None].expand(B, S, -1).reshape(B * S, -1).float()
         total = torch.zeros(B * S, device=z.device)
-        with torch.no_grad(), torch.autocast(z.device.type, dtype=dtype, enabled=dtype != torch.float32):
+        autocast = dtype != torch.float32 and weights == torch.float32
+        with torch.no_grad(), torch.autocast(z.device.type, dtype=dtype, enabled=autocast):
             for h in range(H):
-                zz = model(zz, actions[:, :, h].reshape(B * S, A))
+                zz = model(zz, actions[:, :, h].reshape(B * S, A).to(weights))
                 weight = float(h == H - 1) if cost == "final" else (h + 1) / H
                 if weight:
                     total = total + weight * (zz.float() - goal).norm(dim=-1)
         return total.view(B, S)
     return cost_fn
+
+
+@contextlib.contextmanager
+def tf32(device):
+    """TF32 matmuls while planning on CUDA: CEM ranks costs and does not need fp32's last bits."""
+    old = torch.backends.cuda.matmul.fp32_precision
+    torch.backends.cuda.matmul.fp32_precision = "tf32" if device.startswith("cuda") else old
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.fp32_precision = old
 
 
 class MPC:
@@ -1086,12 +1134,19 @@ class MPC:
         self.generator = torch.Generator(device=self.device).manual_seed(args.seed)
         half = torch.float16 if self.device.startswith("cuda") else torch.bfloat16
         self.dtype = half if args.plan_dtype == "bf16" else torch.float32
+        if self.dtype == torch.float16:  # CUDA: an fp16 copy of the net; autocast would re-cast its weights each call
+            self.model = copy.deepcopy(self.model).half()
         self.cost = "final" if planner == "random" and args.rs_goal == "random-run" else args.cost
+        self.graphs = {} if args.plan_graph == "on" and planner == "cem" else None
 
     def standardize(self, z):
         return (torch.as_tensor(z, dtype=torch.float32).to(self.device) - self.mean) / self.std
 
     def __call__(self, z, obs):
+        with tf32(self.device):
+            return self.act(z, obs)
+
+    def act(self, z, obs):
         t0, a, seeds = time.perf_counter(), self.args, obs["seed"]
         goal = self.standardize(np.stack([self.z_goal[s] for s in seeds]))
         fn = latent_cost(self.model, self.standardize(z), goal, self.cost, self.dtype)
@@ -1105,12 +1160,44 @@ class MPC:
                 mean = torch.stack([self.warm[s] for s in seeds])
                 tail = mean[:, -1:] if a.warm_tail == "repeat" else torch.zeros_like(mean[:, -1:])
                 mean = torch.cat([mean[:, 1:], tail], 1)
-            best, m, _ = cem(fn, len(seeds), a.horizon, samples=a.samples, elites=a.elites, iterations=a.iterations,
-                             mean=mean, init_std=a.cem_init_std, generator=self.generator, device=self.device)
+            if self.graphs is not None:
+                zero = torch.zeros((len(seeds), a.horizon, 2), device=self.device)
+                best, m = self.static_cem(self.standardize(z), goal, zero if mean is None else mean)
+            else:
+                best, m, _ = cem(fn, len(seeds), a.horizon, samples=a.samples, elites=a.elites,
+                                 iterations=a.iterations, mean=mean, init_std=a.cem_init_std,
+                                 generator=self.generator, device=self.device)
             self.warm.update(zip(seeds, m))
             action = (m if a.execute == "mean" else best)[:, 0]
         self.seconds += time.perf_counter() - t0
         return action.float().cpu().numpy()
+
+    def static_cem(self, z, goal, mean):
+        """plan_graph: CEM on static buffers, its noise drawn up front; on CUDA its iterations are captured once per
+        batch size in a CUDA graph and replayed (one launch for ~700), elsewhere the same code runs eagerly."""
+        a, B = self.args, len(z)
+        if B not in self.graphs:
+            io = dict(z=z.clone(), goal=goal.clone(), mean=mean.clone(),
+                      noise=torch.empty((a.iterations, B, a.samples, a.horizon, 2), device=self.device))
+            run = partial(cem, latent_cost(self.model, io["z"], io["goal"], self.cost, self.dtype), B, a.horizon,
+                          samples=a.samples, elites=a.elites, iterations=a.iterations, mean=io["mean"],
+                          init_std=a.cem_init_std, noise=io["noise"], device=self.device)
+            graph = torch.cuda.CUDAGraph() if self.device.startswith("cuda") else None
+            if graph is not None:  # warm up on a side stream, then capture, as torch.cuda.graph asks
+                side = torch.cuda.Stream()
+                side.wait_stream(torch.cuda.current_stream())
+                with torch.cuda.stream(side):
+                    run()
+                torch.cuda.current_stream().wait_stream(side)
+                with torch.cuda.graph(graph):
+                    io["out"] = run()
+            self.graphs[B] = graph, run, io
+        graph, run, io = self.graphs[B]
+        for k, v in (("z", z), ("goal", goal), ("mean", mean)):
+            io[k].copy_(v)
+        io["noise"].normal_(generator=self.generator)
+        out = run() if graph is None else graph.replay() or io["out"]
+        return out[0].clone(), out[1].clone()
 
 
 def gif_episode(seed, policy, encoder, envs, steps):
@@ -1440,7 +1527,8 @@ def run(args):
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
     encoder = load_encoder(args.encoder, args.device, args.precision, args.seed, frame_size=args.frame_size,
-                           forward=args.encoder_forward, batch_size=args.batch_size)
+                           forward=args.encoder_forward, batch_size=args.batch_size, positions=args.rope_grid)
+    encoder = compile_encoder(encoder) if args.compile == "on" else encoder
     if os.path.exists(os.path.join(args.out, "config.json")):
         check_meta({"encoder": load_json(os.path.join(args.out, "config.json")).get("encoder_info", {})}, encoder,
                    args.out)
