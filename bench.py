@@ -28,6 +28,7 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="bench.py", description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="smoke sizes: batch 8, no ViT-L, small CEM and training")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="default auto: cuda if available")
+    p.add_argument("--compile", action="store_true", help="also time torch.compile of the pipeline's encoder")
     p.add_argument("--out", help="folder for bench.json and bench.md (default results/; --quick: runs/bench-quick)")
     args = p.parse_args(argv)
     args.command = shlex.join(["python", "bench.py"] + argv)
@@ -251,21 +252,42 @@ def measure_cem(device, peak, quick):
         torch.manual_seed(0)
         model = vr.Dynamics("mlp", 1024).to(device).eval().requires_grad_(False)
         z, z_goal = torch.randn(2, episodes, 1024).to(device)
+    sizes = dict(samples=samples, elites=elites, iterations=iterations, device=device)
     sides = {p: partial(vr.cem, vr.latent_cost(model, z, z_goal, "final", DTYPES[p]), episodes, horizon,
-                        samples=samples, elites=elites, iterations=iterations,
-                        generator=torch.Generator(device).manual_seed(0), device=device) for p in PRECISIONS[device]}
+                        generator=torch.Generator(device).manual_seed(0), **sizes) for p in PRECISIONS[device]}
+    if device == "cuda":  # the planner's CUDA paths: an fp16 copy of the net (no autocast), and the CUDA graph
+        sides["half"] = partial(vr.cem, vr.latent_cost(copy.deepcopy(model).half(), z, z_goal), episodes, horizon,
+                                generator=torch.Generator(device).manual_seed(0), **sizes)
+        args = argparse.Namespace(**vr.RECIPES["ours"], **sizes, horizon=horizon, seed=0, plan_graph="on")
+        mpc = vr.MPC(model, {}, np.zeros(1024, np.float32), np.ones(1024, np.float32), args, "cem")
+        sides["graph"] = partial(mpc.static_cem, z, z_goal, torch.zeros(episodes, horizon, 2, device=device))
     seconds, results = interleaved(sides, 3 if quick or device == "cpu" else 5, device)
     flops = 2 * sum(p.numel() for p in model.parameters()) * samples * horizon * iterations * episodes
     figures = dict(episodes=episodes, samples=samples, elites=elites, horizon=horizon, iterations=iterations,
                    params=sum(p.numel() for p in model.parameters()), gflop_per_step=flops / 1e9)
-    first = {p: mean[:, 0] for p, (_, mean, _) in results.items()}  # cem returns (best, mean, std)
+    first = {p: out[1][:, 0] for p, out in results.items()}  # the elite mean's first action
     for p, s in seconds.items():
-        figures[p] = {"ms": s * 1000, "floor_ms": flops / peak[p] / 1e6,
+        figures[p] = {"ms": s * 1000, "floor_ms": flops / peak[p if p in peak else "fp16"] / 1e6,
                       "first_action_abs_diff": float((first[p] - first["fp32"]).abs().max())}
     return figures, [[f"CEM step, {episodes} episodes x {samples} x {horizon} x {iterations} on the mlp, "
                       f"{' / '.join(seconds)} (ms)", slash(figures[p]["ms"] for p in seconds),
                       f"floor {slash(figures[p]['floor_ms'] for p in seconds)} ms; first action moves "
                       f"{slash((figures[p]['first_action_abs_diff'] for p in seconds), '{:.2f}')}"]]
+
+
+def measure_compile(encoder, windows, device):
+    """--compile: the first compiled batch (the compile) and then compiled against eager windows/s, interleaved."""
+    compiled = vr.compile_encoder(vr.dataclasses.replace(encoder, model=copy.deepcopy(encoder.model)))  # a copy
+    eager = encoder
+    t0 = time.perf_counter()
+    vr.encode(compiled, windows)
+    compile_s = time.perf_counter() - t0
+    seconds, _ = interleaved({k: partial(vr.encode, e, windows) for k, e in (("eager", eager), ("compiled", compiled))},
+                             3, device)
+    figures = {"compile_s": compile_s, **{f"{k}_windows_per_s": len(windows) / s for k, s in seconds.items()}}
+    return figures, [[f"torch.compile of {encoder.id} ({compiled.precision}), batch {len(windows)}: eager / "
+                      "compiled (windows/s)", slash((len(windows) / s for s in seconds.values()), "{:.2f}"),
+                      f"compile {compile_s:.0f} s for a {seconds['eager'] / seconds['compiled']:.2f}x gain"]]
 
 
 def measure_training(device, quick):
@@ -329,6 +351,8 @@ def main(argv=None):
     run("encoder_tiny", measure_encoder, tiny, windows, peak, quick)
     if vitl is not None:  # ViT-L on a CPU takes seconds a window: batch 1 there
         run("encoder_vitl", measure_encoder, vitl, windows[:batch if device == "cuda" else 1], peak, quick)
+    if args.compile:
+        run("compile", measure_compile, pipeline, windows, device)
     run("cem_ms_per_step", measure_cem, device, peak, quick)
     run("train_epoch", measure_training, device, quick)
     out = args.out or ("runs/bench-quick" if quick else RESULTS)  # a smoke run never overwrites committed numbers
