@@ -113,6 +113,8 @@ KNOBS = {
     "plan_precision": Knob("fp32", "mpc_planner.py ~153-155", None, "MPC's (ours: precision)", ("half", "auto")),
     "encoder_forward": Knob("full", "gen ~89-106", "encoder", "the predictor adds compute, not embedding"),
     "plan_dtype": Knob("fp32", "mpc_planner.py", "fp32", "planning rollouts (bf16: fp16 on CUDA)", ("bf16",)),
+    "train_dtype": Knob("fp32", "train_dynamics.py", "fp32", "dynamics training (bf16: autocast, 1.5x on this CPU)",
+                        ("bf16",)),
     "plan_graph": Knob("off", "mpc_planner.py", "off", "CEM's iterations as one CUDA graph (opt-in: never yet run on "
                        "a GPU)", ("on",)),
     "compile": Knob("off", "gen", "off", "torch.compile the encoder (opt-in: never yet run on a GPU)", ("on",)),
@@ -1016,7 +1018,8 @@ def train_dynamics(name, data, args, epochs):
         steps = t[:, None] + np.arange(k + 1)
         zs = (torch.from_numpy(np.array(z[e[:, None], steps], np.float32)) - mean_t) / std_t  # (B, k+1, D)
         a = torch.from_numpy(np.array(actions[e[:, None], steps[:, :k]], np.float32))
-        return model.unrolled_loss(zs.to(device, non_blocking=True), a.to(device, non_blocking=True), weights)
+        with torch.autocast(torch.device(device).type, torch.bfloat16, enabled=args.train_dtype == "bf16"):
+            return model.unrolled_loss(zs.to(device, non_blocking=True), a.to(device, non_blocking=True), weights)
     n_train, batch_size = (len(train_eps), 64) if one_start else (len(starts["train"]), 256)  # seed: 256
     fitted = fit(model, batch_loss, n_train, len(starts["val"]), dict(
         epochs=epochs, lr=args.dyn_lr, batch_size=batch_size, weight_decay=1e-4, optimizer="adamw",  # seed: AdamW 1e-4
