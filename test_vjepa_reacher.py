@@ -654,6 +654,22 @@ def test_the_seeds_one_start_batches_apply_to_its_5_step_model_only(monkeypatch)
     assert seen == {"dynamics mlp": (8 * 20, 256), "dynamics mlp_rollout5": (8, 64), "dynamics resblock": (8 * 20, 256)}
 
 
+def test_train_dtype_bf16_trains_the_dynamics_under_autocast(monkeypatch):
+    rng = np.random.default_rng(1)
+    data = {"z": rng.normal(size=(6, 11, 4)).astype(np.float32), "actions": rng.uniform(-1, 1, (6, 10, 2))}
+    seen, forward, models = [], vr.Dynamics.forward, {}
+    monkeypatch.setattr(vr.Dynamics, "forward", lambda self, z, a: seen.append(torch.is_autocast_enabled("cpu"))
+                        or forward(self, z, a))
+    for dtype in ("fp32", "bf16"):
+        args = vr.parse_args(["dynamics", "--set", f"train_dtype={dtype}", "--device", "cpu"])
+        with contextlib.redirect_stdout(io.StringIO()):
+            models[dtype], info, _ = vr.train_dynamics("mlp", data, args, epochs=2)
+        assert math.isfinite(info["val_loss"]) and all(p.dtype == torch.float32 for p in models[dtype].parameters())
+        assert seen and all(seen) == (dtype == "bf16") and any(seen) == (dtype == "bf16")  # every batch, or none
+        seen.clear()
+    assert not all(torch.equal(a, b) for a, b in zip(models["fp32"].parameters(), models["bf16"].parameters()))
+
+
 def test_resblock_post_add_relu():
     block = vr.ResBlock(4, post_relu=True)
     torch.nn.init.zeros_(block.block[3].weight), torch.nn.init.zeros_(block.block[3].bias)
