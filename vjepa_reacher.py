@@ -1485,8 +1485,9 @@ def stage_probe(args, encoder):
     seeds, encoders = episode_seeds("probe", args.probe_episodes, args.seed), {"encoder": encoder}
     if encoder.pixels:
         model = random_vjepa2(encoder.model.config, args.seed + 1).to(encoder.device).eval()
+        tables = rope.install(model, encoder.positions)  # the same token positions as the encoder's
         encoders["random_init"] = variant(dataclasses.replace(encoder, id=f"random-init({encoder.id})", model=model,
-                                                              precision="fp32"), encoder.precision)
+                                                              precision="fp32", rope=tables), encoder.precision)
     z = {}
     for name, enc in encoders.items():
         eps = list(run_episodes(seeds, EpsilonGreedy(expert_policy, EXPLORE[1], args.seed), enc,
