@@ -12,6 +12,7 @@ import argparse
 import collections
 import contextlib
 import copy
+import dataclasses
 import io
 import os
 import platform
@@ -277,7 +278,7 @@ def measure_cem(device, peak, quick):
 
 def measure_compile(encoder, windows, device):
     """--compile: the first compiled batch (the compile) and then compiled against eager windows/s, interleaved."""
-    compiled = vr.compile_encoder(vr.dataclasses.replace(encoder, model=copy.deepcopy(encoder.model)))  # a copy
+    compiled = vr.compile_encoder(dataclasses.replace(encoder, model=copy.deepcopy(encoder.model)))  # a copy
     eager = encoder
     t0 = time.perf_counter()
     vr.encode(compiled, windows)

@@ -1098,14 +1098,14 @@ def latent_cost(model, z, z_goal, cost="final", dtype=torch.float32):
     weights = next(model.parameters(), torch.empty(0)).dtype  # fp32 for a model without parameters
 
     def cost_fn(actions):
-        B, S, H, A = actions.shape
+        (B, S, H, A), actions = actions.shape, actions.to(weights)  # a half-weight net gets half inputs, cast once
         zz = z[:, None].expand(B, S, -1).reshape(B * S, -1).to(weights)
         goal = z_goal[:, None].expand(B, S, -1).reshape(B * S, -1).float()
         total = torch.zeros(B * S, device=z.device)
         autocast = dtype != torch.float32 and weights == torch.float32
         with torch.no_grad(), torch.autocast(z.device.type, dtype=dtype, enabled=autocast):
             for h in range(H):
-                zz = model(zz, actions[:, :, h].reshape(B * S, A).to(weights))
+                zz = model(zz, actions[:, :, h].reshape(B * S, A))
                 weight = float(h == H - 1) if cost == "final" else (h + 1) / H
                 if weight:
                     total = total + weight * (zz.float() - goal).norm(dim=-1)
@@ -1151,8 +1151,8 @@ class MPC:
 
     def act(self, z, obs):
         t0, a, seeds = time.perf_counter(), self.args, obs["seed"]
-        goal = self.standardize(np.stack([self.z_goal[s] for s in seeds]))
-        fn = latent_cost(self.model, self.standardize(z), goal, self.cost, self.dtype)
+        z, goal = self.standardize(z), self.standardize(np.stack([self.z_goal[s] for s in seeds]))
+        fn = latent_cost(self.model, z, goal, self.cost, self.dtype)
         if self.planner == "random":  # seed Phase 4: 1000 uniform sequences, keep the best
             best, _, _ = cem(fn, len(seeds), a.horizon, samples=a.rs_samples, elites=1, iterations=1,
                              uniform_first=True, generator=self.generator, device=self.device)
@@ -1165,7 +1165,7 @@ class MPC:
                 mean = torch.cat([mean[:, 1:], tail], 1)
             if self.graphs is not None:
                 zero = torch.zeros((len(seeds), a.horizon, 2), device=self.device)
-                best, m = self.static_cem(self.standardize(z), goal, zero if mean is None else mean)
+                best, m = self.static_cem(z, goal, zero if mean is None else mean)
             else:
                 best, m, _ = cem(fn, len(seeds), a.horizon, samples=a.samples, elites=a.elites,
                                  iterations=a.iterations, mean=mean, init_std=a.cem_init_std,
