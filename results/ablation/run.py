@@ -7,6 +7,7 @@ compared with the base row by a two-sided Fisher exact test on its success count
 
     python results/ablation/run.py            # runs the missing rows, then writes README.md
     python results/ablation/run.py --table    # only rewrites README.md from the finished rows
+    python results/ablation/run.py ROW ...    # runs only these rows (two can run side by side), then the table
 
 Run folders go to runs/ablation/ROW; the small files (JSON, markdown, plots) are copied to results/ablation/ROW.
 """
@@ -56,14 +57,21 @@ ROWS = {"base": (None, None, RETRAIN),
         "base_models": (None, None, ["collect", "explore", "dynamics", "plan"], ["cem/mlp_rollout5"]),
         "rollout_loss": ("rollout_loss", "weighted", ["dynamics", "plan"], ["cem/mlp_rollout5"]),
         "rollout_sampling": ("rollout_sampling", "one-start", ["dynamics", "plan"], ["cem/mlp_rollout5"]),
-        "rollout_epochs": ("rollout_epochs", "150", ["dynamics", "plan"], ["cem/mlp_rollout5"])}
-MODEL_PLANS = ("cem/mlp_rollout5",)
+        "rollout_epochs": ("rollout_epochs", "150", ["dynamics", "plan"], ["cem/mlp_rollout5"]),
+        # The knob that acts only on the resblock, against our recipe's own resblock on base_models' data. Both
+        # train under bf16 autocast (the train_dtype knob, 1.5x here) to fit this CPU.
+        "base_resblock": (None, None, ["dynamics", "plan"], ["cem/resblock"]),
+        "resblock_relu": ("resblock_relu", "on", ["dynamics", "plan"], ["cem/resblock"])}
+MODEL_BASES = {"cem/mlp_rollout5": "base_models", "cem/resblock": "base_resblock"}  # planner: its base row
 
 
 def base_of(name):
-    """The row a row is compared with and copied from: base_models for the mlp_rollout5 rows."""
+    """The row a row is compared with and copied from: a model's base row for the rows that plan with that model.
+    The model base rows themselves start from base_models' data (base_models collects its own)."""
     plans = ROWS[name][3] if len(ROWS[name]) > 3 else []
-    return "base_models" if name != "base_models" and set(plans) & set(MODEL_PLANS) else "base"
+    if name in MODEL_BASES.values():
+        return "base_models"
+    return next((MODEL_BASES[p] for p in plans if p in MODEL_BASES), "base")
 
 
 def run_row(name):
@@ -72,12 +80,16 @@ def run_row(name):
     out = os.path.join("runs", "ablation", name)
     if os.path.exists(os.path.join(HERE, name, "results.json")):  # finished and kept
         return
+    src = base_of(name)
+    if stages[0] == "dynamics" and src in MODEL_BASES.values():
+        src = base_of(src)  # it needs only the data: its base's source, so that a row can run beside its base
     if stages[0] != "collect" and not os.path.exists(out):
-        shutil.copytree(os.path.join("runs", "ablation", base_of(name)), out,
+        shutil.copytree(os.path.join("runs", "ablation", src), out,
                         ignore=shutil.ignore_patterns("*.gif", "plan.json", "results.json", "report.md"))
     extra = (["--set", f"{knob}={value}"] if knob else []) + (["--plans", *plans[0]] if plans else [])
-    models = [p.split("/")[1] for p in (plans[0] if plans else []) if p in MODEL_PLANS]
+    models = [p.split("/")[1] for p in (plans[0] if plans else []) if p in MODEL_BASES]
     extra += ["--dynamics", *models] if models else []
+    extra += ["--set", "train_dtype=bf16"] if "resblock" in models else []
     for stage in stages:
         force = ["--force"] if knob and stage in ("bc", "eval", "dynamics") else []
         cmd = ["python", "vjepa_reacher.py", stage, *COMMON, *extra, *force, "--out", out]
@@ -105,18 +117,27 @@ def row_cells(name, results, base):
 
 
 def model_table(done):
-    """The mlp_rollout5 rows: CEM on the model the knob retrains, against base_models' same model."""
-    rows, base = [], done.get("base_models", {}).get("plan", {})
-    for n in [n for n in done if n == "base_models" or base_of(n) == "base_models"]:
-        for key, m in done[n]["plan"].items():
-            b = base.get(key)
-            p = "" if n == "base_models" or b is None else report.fisher_exact(
-                round(m["success"] * m["n"]), m["n"], round(b["success"] * b["n"]), b["n"])
-            rows.append([f"`{ROWS[n][0]}={ROWS[n][1]}`" if ROWS[n][0] else "ours (base_models)", f"`{key}`",
-                         f"{report.fmt_rate(m)} (n={m['n']})", p if p == "" else f"{p:.2g}",
-                         f"{m['final_distance']:.3f}", f"{done[n]['dynamics'][key.split('/')[1]]['kstep_error'][0]:.3f}"])
-    return report.md_table(["row (one seed knob)", "planner", "success [95%]", "p vs base_models", "final dist (m)",
+    """The rows of the knobs that act on one model: CEM on that model, against its base row's same model."""
+    rows = []
+    for first in MODEL_BASES.values():
+        base = done.get(first, {}).get("plan", {})
+        for n in [n for n in done if n == first or base_of(n) == first and n not in MODEL_BASES.values()]:
+            rows += model_rows(n, done[n], base, first)
+    return report.md_table(["row (one seed knob)", "planner", "success [95%]", "p vs its base", "final dist (m)",
                             "1-step error"], rows)
+
+
+def model_rows(name, results, base, first):
+    """One model row's cells for each of its planners."""
+    rows = []
+    for key, m in results["plan"].items():
+        b = base.get(key)
+        p = "" if name == first or b is None else report.fisher_exact(
+            round(m["success"] * m["n"]), m["n"], round(b["success"] * b["n"]), b["n"])
+        rows.append([f"`{ROWS[name][0]}={ROWS[name][1]}`" if ROWS[name][0] else f"ours ({name})", f"`{key}`",
+                     f"{report.fmt_rate(m)} (n={m['n']})", p if p == "" else f"{p:.2g}", f"{m['final_distance']:.3f}",
+                     f"{results['dynamics'][key.split('/')[1]]['kstep_error'][0]:.3f}"])
+    return rows
 
 
 def write_table():
@@ -126,7 +147,7 @@ def write_table():
     base = done.get("base", {})
     rows = [[f"`{ROWS[n][0]}={ROWS[n][1]}`" if ROWS[n][0] else "ours (base)", *row_cells(n, r, base),
              f"{r['plan']['cem/mlp']['final_distance']:.3f}" if "cem/mlp" in r.get("plan", {}) else "-"]
-            for n, r in done.items() if base_of(n) == "base" and n != "base_models"]
+            for n, r in done.items() if base_of(n) == "base" and n not in MODEL_BASES.values()]
     table = report.md_table(["row (one seed knob)", "CEM/mlp success [95%]", "p vs base", "random/mlp",
                              "p vs base", "BC", "p vs base", "CEM final dist (m)"], rows)
     table += "\n\n" + model_table(done)
@@ -137,6 +158,6 @@ def write_table():
 
 if __name__ == "__main__":
     if "--table" not in sys.argv:
-        for row in ROWS:
+        for row in sys.argv[1:] or ROWS:  # rows named on the command line, or all of them
             run_row(row)
     write_table()
