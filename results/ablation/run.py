@@ -66,12 +66,9 @@ MODEL_BASES = {"cem/mlp_rollout5": "base_models", "cem/resblock": "base_resblock
 
 
 def base_of(name):
-    """The row a row is compared with and copied from: a model's base row for the rows that plan with that model.
-    The model base rows themselves start from base_models' data (base_models collects its own)."""
+    """The row a row is compared with: its model's base row for a row that plans with one model, else base."""
     plans = ROWS[name][3] if len(ROWS[name]) > 3 else []
-    if name in MODEL_BASES.values():
-        return "base_models"
-    return next((MODEL_BASES[p] for p in plans if p in MODEL_BASES), "base")
+    return next((MODEL_BASES[p] for p in plans if p in MODEL_BASES and MODEL_BASES[p] != name), "base")
 
 
 def run_row(name):
@@ -80,14 +77,13 @@ def run_row(name):
     out = os.path.join("runs", "ablation", name)
     if os.path.exists(os.path.join(HERE, name, "results.json")):  # finished and kept
         return
-    src = base_of(name)
-    if stages[0] == "dynamics" and src in MODEL_BASES.values():
-        src = base_of(src)  # it needs only the data: its base's source, so that a row can run beside its base
+    models = [p.split("/")[1] for p in (plans[0] if plans else []) if p in MODEL_BASES]
+    # A row for one model retrains that model, so base_models' data suffice: it can run beside its own base.
+    src = "base_models" if models else base_of(name)
     if stages[0] != "collect" and not os.path.exists(out):
         shutil.copytree(os.path.join("runs", "ablation", src), out,
                         ignore=shutil.ignore_patterns("*.gif", "plan.json", "results.json", "report.md"))
     extra = (["--set", f"{knob}={value}"] if knob else []) + (["--plans", *plans[0]] if plans else [])
-    models = [p.split("/")[1] for p in (plans[0] if plans else []) if p in MODEL_BASES]
     extra += ["--dynamics", *models] if models else []
     extra += ["--set", "train_dtype=bf16"] if "resblock" in models else []
     for stage in stages:
@@ -121,7 +117,7 @@ def model_table(done):
     rows = []
     for first in MODEL_BASES.values():
         base = done.get(first, {}).get("plan", {})
-        for n in [n for n in done if n == first or base_of(n) == first and n not in MODEL_BASES.values()]:
+        for n in [n for n in done if n == first or base_of(n) == first]:
             rows += model_rows(n, done[n], base, first)
     return report.md_table(["row (one seed knob)", "planner", "success [95%]", "p vs its base", "final dist (m)",
                             "1-step error"], rows)
