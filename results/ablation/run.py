@@ -72,7 +72,7 @@ def base_of(name):
 
 
 def run_row(name):
-    """Run one row's stages in runs/ablation/ROW (a copy of the base row's folder unless it starts from data)."""
+    """Run one row's stages in runs/ablation/ROW (a copy of its source row's folder unless it starts from data)."""
     knob, value, stages, *plans = ROWS[name]
     out = os.path.join("runs", "ablation", name)
     if os.path.exists(os.path.join(HERE, name, "results.json")):  # finished and kept
