@@ -565,8 +565,10 @@ def test_rope_cache_steps_aside_for_an_attention_it_was_not_written_for(capsys):
         layer.attention.d_dim = 2  # as if a later transformers rotated fewer dimensions
     x = torch.randn(1, vr.WINDOW, 3, 256, 256)
     before = last_hidden(model, x)
-    assert rope.install(model, "input") is None
-    assert "RoPE cache" in capsys.readouterr().err and not model.encoder.embeddings._forward_pre_hooks
+    with pytest.warns(UserWarning, match="RoPE cache") as caught:  # a warning, not a print: rope.py is a library
+        assert rope.install(model, "input") is None
+    assert caught[0].filename == __file__  # stacklevel: it names the caller's line
+    assert capsys.readouterr().err == "" and not model.encoder.embeddings._forward_pre_hooks
     assert torch.equal(last_hidden(model, x), before)  # transformers' own code still runs
     assert vr.Encoder("x", 64, model).info()["rope"] == "transformers' own (checkpoint grid)"
 
@@ -1098,6 +1100,27 @@ def test_sac_solves_point_task(seed, one_thread):
     assert final >= 0.9, f"greedy SAC reached the origin in only {final:.0%} of episodes"
     assert np.mean([ep["rewards"].sum() for ep in trained]) > 20  # there within ~8 of 30 steps, then stays
     assert agent.info["alpha"] < 1.0 and np.isfinite(agent.info["critic_loss"])
+
+
+def test_sac_takes_any_action_size():
+    """sac.py is copied whole into other tasks: nothing in it may assume reacher's two torques."""
+    rng = np.random.default_rng(0)
+    ep = {"z": rng.normal(size=(9, 4)).astype(np.float32), "actions": rng.uniform(-1, 1, (8, 3)).astype(np.float32),
+          "rewards": np.ones(8, np.float32)}
+    demos = sac.demo_buffer([ep], 4, action_repeat=2, action_dim=3)
+    agent = sac.SACAgent(4, np.zeros(4), np.ones(4), action_repeat=1, demos=demos, hidden=16, batch_size=8,
+                         learning_starts=4, action_dim=3)
+    z = np.zeros((4, 4), np.float32)
+    assert agent(z, {}).shape == (4, 3) and agent.updates == 0  # the uniform warm-up
+    agent.add_episode(ep)
+    assert agent(z, {}).shape == (4, 3) and agent.updates == 4  # the actor, and updates on mixed batches
+    assert agent.greedy(z, {}).shape == (4, 3) and demos.a.shape == (4, 3) and agent.target_entropy == -3
+    log_alpha = torch.zeros((), requires_grad=True)  # plain SGD, lr 1: log alpha moves by exactly entropy gap
+    optims = {"actor": torch.optim.SGD(agent.nets["actor"].parameters(), lr=0.0),
+              "critic": torch.optim.SGD(agent.nets["critic"].parameters(), lr=0.0),
+              "alpha": torch.optim.SGD([log_alpha], lr=1.0)}
+    info = sac.sac_update(dict(agent.nets, log_alpha=log_alpha), optims, agent.buffer.sample(8, rng))
+    assert log_alpha.item() == pytest.approx(-info["entropy"] - 3, rel=1e-5)  # the default target: -action_dim
 
 
 def test_actor_log_prob_matches_torch_distributions():
