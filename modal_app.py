@@ -16,7 +16,6 @@ if vjepa_reacher imports, else in the first container, a CPU one). Every job cal
 line a local user would type, so the cloud and local paths cannot drift apart. Not yet run on a real Modal account.
 """
 import contextlib
-import ctypes
 import dataclasses
 import glob
 import io
@@ -24,6 +23,7 @@ import os
 import re
 import shlex
 import shutil
+import subprocess
 import sys
 
 import modal
@@ -44,10 +44,9 @@ PACKAGES = ["torch==2.13.0", "mujoco==3.17.0", "dm_control==1.0.50", "transforme
             "numpy>=1.26", "tqdm>=4.66", "matplotlib>=3.8", "pillow>=10.1", "huggingface_hub>=0.30"]
 # EGL through libglvnd, which dispatches to a vendor library named by a JSON file: Modal's GPU containers mount the
 # NVIDIA driver libraries (libEGL_nvidia among them) but a slim image has no NVIDIA vendor file, so write the
-# standard one (as MuJoCo's Colab notebook does). libosmesa6: the CPU fallback when the driver brings no EGL.
+# standard one (as MuJoCo's Colab notebook does). libosmesa6: the CPU fallback where no EGL context works.
 SOURCES = ["vjepa_reacher", "report", "rope", "sac"]  # the script and the leaves it imports (one file each)
 APT = ["libegl1", "libgl1", "libglvnd0", "libosmesa6"]
-NVIDIA_EGL = "libEGL_nvidia.so.0"
 NVIDIA_EGL_ICD = '{"file_format_version": "1.0.0", "ICD": {"library_path": "libEGL_nvidia.so.0"}}'
 image = (modal.Image.debian_slim(python_version="3.11")
          .apt_install(*APT)
@@ -58,13 +57,14 @@ image = (modal.Image.debian_slim(python_version="3.11")
 app = modal.App("vjepa-reacher", image=image)
 
 
-def gl_backend():
-    """egl when the NVIDIA EGL library loads (frames drawn on the GPU), else osmesa (drawn by the CPU, llvmpipe).
-    dlopen is the lookup glvnd itself makes through the vendor file above."""
+def gl_backend(check="import mujoco; mujoco.GLContext(64, 64).make_current()"):
+    """egl when `check` makes MuJoCo's EGL context current in a subprocess (frames drawn on the GPU), else osmesa
+    (drawn by the CPU, llvmpipe); the check's error, if any, is in the log. A library that loads is not a context
+    that works (a driver without EGL, no device), and a failed EGL start may crash or hang its process."""
+    argv, env = [sys.executable, "-c", check], dict(os.environ, MUJOCO_GL="egl")
     try:
-        ctypes.CDLL(NVIDIA_EGL)
-        return "egl"
-    except OSError:
+        return "osmesa" if subprocess.run(argv, env=env, timeout=120).returncode else "egl"
+    except subprocess.TimeoutExpired:
         return "osmesa"
 
 
