@@ -1,19 +1,19 @@
 """Run vjepa_reacher.py on Modal GPUs: sharded collection + encoding, merge, optional Hub upload, BC + eval.
 
     pip install modal && modal setup                          # once: the client is all a laptop needs; log in
-    modal run modal_app.py --shards 2 --args "--encoder tiny --episodes 8"   # smoke: 2 x 4 episodes, cents
+    modal run modal_app.py --run smoke --shards 2 --args "--encoder tiny --episodes 8"   # smoke: 2 x 4 episodes
     modal run modal_app.py                                    # Phase 1: 500 jacobian demos, ViT-L, 10 A10 shards
     modal run modal_app.py                                    # again after a failure: collects only what is missing
     modal run modal_app.py --args "--expert p --epsilon 0.3 --episodes 5000"   # seed Phase 2b exploration data
-    modal run modal_app.py --shards 1 --evaluate --args "--recipe seed"        # Phase 1, the seed's recipe, + BC
-    modal run modal_app.py --gpu L4 --args "--force --set render=full"         # another GPU; redo every shard
+    modal run modal_app.py --run seed --shards 1 --evaluate --args "--recipe seed"   # the seed's recipe, + BC
+    modal run modal_app.py --run full --gpu L4 --args "--set render=full"    # another look in its own run folder
     modal secret create huggingface HF_TOKEN=hf_...           # once, only for --hf-repo
     modal run modal_app.py --hf-repo you/vjepa2-reacher       # also upload the merged dataset
     modal volume get vjepa-reacher runs/modal ./runs/modal    # fetch the run folder
 
 `--args` holds the script's options as typed after `python vjepa_reacher.py collect`, checked by its parser (here
-if vjepa_reacher imports, else in the first container, a CPU one). Every job calls vjepa_reacher.main with the command
-line a local user would type, so the cloud and local paths cannot drift apart. Not yet run on a real Modal account.
+if vjepa_reacher imports, else in the first container, a CPU one); `--run RUN` is the run folder, runs/RUN on the
+volume. Jobs call vjepa_reacher.main with the command line a local user would type, so the two cannot drift apart.
 """
 import contextlib
 import dataclasses
@@ -150,14 +150,13 @@ def shard_todo(args, job, root, shard):
     path = os.path.join(root, f"shard_{shard}of{job.shards}", "meta.json")
     if args.force or not os.path.exists(path):
         return True
-    meta = vjepa_reacher.load_json(path)
-    want = expected_meta(args, shard, job.shards)
+    meta, want = vjepa_reacher.load_json(path), expected_meta(args, shard, job.shards)
     got = dict(meta, encoder=meta.get("encoder", {}).get("id"))
     wrong = [k for k in want if got.get(k) != want[k]]
     if wrong and wrong != ["seeds"]:
         raise RuntimeError(f"{os.path.dirname(path)} was made with {wrong[0]}={got.get(wrong[0])}, this job has "
-                           f"{want[wrong[0]]}: pass the same options, another --run, or --force in --args to "
-                           "re-collect it")
+                           f"{want[wrong[0]]}: pass the same options, or another --run (a new run folder), or "
+                           f"--force in --args (it deletes the episodes in {root} and collects them anew)")
     return wrong == ["seeds"]
 
 
@@ -169,8 +168,8 @@ def todo_shards_job(job):
     others = [d for d in sorted(glob.glob(os.path.join(root, "shard_*of*"))) if not d.endswith(f"of{job.shards}")]
     if others and not args.force:
         count = others[0].rpartition("of")[2]
-        raise RuntimeError(f"{root} holds shards of --shards {count}, not {job.shards}: pass --shards {count} to "
-                           f"reuse them, or --force in --args to re-collect in {job.shards}")
+        raise RuntimeError(f"{root} holds shards of --shards {count}, not {job.shards}: pass --shards {count}, or "
+                           f"another --run (a new run folder), or --force in --args (deletes them all, collects anew)")
     for d in others:
         shutil.rmtree(d)
     return [i for i in range(job.shards) if shard_todo(args, job, root, i)]
@@ -250,8 +249,7 @@ def run_pipeline(job, todo_shards, collect_shards, merge, upload=None, evaluate=
 
     The remote calls come in as arguments so a test can run this locally: todo_shards(job) -> shards to collect;
     collect_shards(job, shards) -> one result per shard, in order, an exception for each that failed;
-    merge(job) -> data folder; upload(data_dir) -> URL; evaluate(job). Returns the merged data folder.
-    """
+    merge(job) -> data folder; upload(data_dir) -> URL; evaluate(job). Returns the merged data folder."""
     todo = step("check", todo_shards, job)
     if len(todo) < job.shards:
         print(f"{job.shards - len(todo)} of {job.shards} shards already finished with these options; collecting {todo}")

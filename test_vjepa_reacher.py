@@ -16,6 +16,7 @@ import math
 import os
 import re
 import shutil
+import shlex
 import signal
 import subprocess
 import sys
@@ -1610,6 +1611,16 @@ def local_remote(modal_app, calls, fail=()):
     return dict(todo_shards=modal_app.todo_shards_job, collect_shards=collect_shards, merge=modal_app.merge_job)
 
 
+def fake_collect(modal_app, job, shards):
+    """Each shard's meta.json as collect_shard writes it for `job`, without collecting."""
+    args = modal_app.parse_job(job)
+    for i in shards:
+        folder = os.path.join(job.out, "shards", vr.dataset_name(args.expert, args.epsilon), f"shard_{i}of{job.shards}")
+        os.makedirs(folder)
+        meta = dict(modal_app.expected_meta(args, i, job.shards), encoder={"id": args.encoder, "dim": 64})
+        json.dump(meta, open(os.path.join(folder, "meta.json"), "w"))
+
+
 def test_modal_app_imports_with_nothing_but_modal():
     import re
     modal_app = import_modal_app()
@@ -1728,7 +1739,8 @@ def test_modal_rerun_with_other_shards_is_refused_before_collecting_until_forced
     with pytest.raises(SystemExit) as e:
         modal_app.run_pipeline(modal_app.Job(out, MODAL_TINY, shards=3, device="cpu"), **remote)
     msg = str(e.value)
-    assert msg.startswith("error: check: ") and "\n" not in msg and "--shards 2" in msg and "--force" in msg
+    assert msg.startswith("error: check: ") and "\n" not in msg and "--shards 2" in msg
+    assert msg.index("another --run") < msg.index("--force in --args (deletes them all")
     assert calls == [[0, 1]]  # refused before any shard started
     forced = modal_app.Job(out, MODAL_TINY + ["--force"], shards=3, device="cpu")
     data = vr.load_dataset(modal_app.run_pipeline(forced, **remote))
@@ -1744,17 +1756,14 @@ def test_modal_shards_made_with_other_options_are_recollected_or_refused(tmp_pat
     another encoder, render or length: refused with one line, before any GPU starts; --force re-collects."""
     modal_app = import_modal_app()
     job = modal_app.Job(str(tmp_path / "run"), MODAL_TINY, shards=2)
-    args = modal_app.parse_job(job)
-    for i in range(2):  # what collect_shard writes, without collecting
-        os.makedirs(tmp_path / "run" / "shards" / "jacobian_eps0" / f"shard_{i}of2")
-        meta = dict(modal_app.expected_meta(args, i, 2), encoder={"id": "tiny", "dim": 64, "precision": "fp32"})
-        json.dump(meta, open(tmp_path / "run" / "shards" / "jacobian_eps0" / f"shard_{i}of2" / "meta.json", "w"))
+    fake_collect(modal_app, job, range(2))
     assert modal_app.todo_shards_job(job) == []
     other = modal_app.Job(job.out, MODAL_TINY + change, shards=2)
     if key is None:
         assert modal_app.todo_shards_job(other) == [0, 1]
     else:
-        with pytest.raises(RuntimeError, match=rf"shard_0of2 was made with {key}=.*--force in --args") as e:
+        with pytest.raises(RuntimeError, match=rf"shard_0of2 was made with {key}=.*another --run.*--force in --args "
+                                               r"\(it deletes the episodes in .*jacobian_eps0") as e:
             modal_app.todo_shards_job(other)
         assert "\n" not in str(e.value)
     assert modal_app.todo_shards_job(modal_app.Job(job.out, MODAL_TINY + change + ["--force"], shards=2)) == [0, 1]
@@ -1803,3 +1812,28 @@ def test_modal_renders_with_egl_only_where_a_context_works(monkeypatch, tmp_path
     vendor.write_text('{"file_format_version": "1.0.0", "ICD": {"library_path": "libc.so.6"}}')
     monkeypatch.setenv("__EGL_VENDOR_LIBRARY_FILENAMES", str(vendor))
     assert modal_app.gl_backend() == "osmesa"
+
+
+def readme_modal_commands():
+    """The options of each `modal run modal_app.py` line in the README's code blocks, split as a shell would."""
+    blocks = open(os.path.join(HERE, "README.md")).read().split("```")[1::2]
+    lines = [shlex.split(l, comments=True) for b in blocks for l in b.splitlines() if "modal" in l]
+    return [l[3:] for l in lines if l[:3] == ["modal", "run", "modal_app.py"]]
+
+
+def test_modal_readme_commands_run_in_sequence_without_force(monkeypatch, tmp_path):
+    """Issue 27: the smoke run took Phase 1's run folder, so Phase 1 was refused, then the seed recipe."""
+    from modal.cli.run import _get_click_command_for_local_entrypoint
+    modal_app = import_modal_app()
+    monkeypatch.setattr(modal_app, "VOLUME", str(tmp_path))
+    jobs = []
+    monkeypatch.setattr(modal_app, "run_pipeline", lambda job, **calls: jobs.append(job))
+    command = _get_click_command_for_local_entrypoint(modal_app.app, modal_app.main)  # `modal run`'s own parser
+    runs = readme_modal_commands()
+    assert len(runs) >= 5 and "smoke" in runs[0]
+    for argv in [a for a in runs if "--hf-repo" not in a]:  # in the README's order: smoke, Phase 1, ..., seed
+        modal_app.main.info.raw_f(**command.make_context("modal run modal_app.py", argv).params)
+        todo = modal_app.todo_shards_job(jobs[-1])  # RuntimeError: refused
+        assert todo in ([], list(range(jobs[-1].shards))), argv
+        fake_collect(modal_app, jobs[-1], todo)
+    assert len({job.out for job in jobs}) == 3  # smoke, Phase 1 (+ Phase 2b), the seed's recipe
