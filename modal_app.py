@@ -258,9 +258,10 @@ def run_pipeline(job, todo_shards, collect_shards, merge, upload=None, evaluate=
         if isinstance(result, BaseException):
             failed[i] = last_line(result) or repr(result)
         print(f"shard {i}/{job.shards} " + (f"failed: {failed[i]}" if i in failed else "done"))
-    if failed:
+    if failed:  # a rerun with --force would delete the shards that finished
+        rerun = "the same command without --force in --args" if "--force" in job.args else "the same command"
         raise SystemExit(f"error: {len(failed)} of {job.shards} shards failed ({sorted(failed)}; first: "
-                         f"{failed[min(failed)]}); the others are saved: re-run the same command to collect the rest")
+                         f"{failed[min(failed)]}); the others are saved: re-run {rerun} to collect the rest")
     data_dir = step("merge", merge, job)
     print("merged ->", data_dir)
     if upload:

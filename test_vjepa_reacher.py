@@ -1696,7 +1696,8 @@ def test_modal_app_pipeline_runs_locally_reports_failed_shards_and_resumes(tmp_p
     calls, uploads = [], []
     remote = dict(local_remote(modal_app, calls, fail={(1, 0)}), upload=lambda d: uploads.append(d),
                   evaluate=modal_app.bc_eval_job)
-    with pytest.raises(SystemExit, match=r"1 of 2 shards failed \(\[0\]; first: container preempted\).*re-run"):
+    with pytest.raises(SystemExit, match=r"1 of 2 shards failed \(\[0\]; first: container preempted\).*re-run "
+                                         r"the same command to collect the rest$"):
         modal_app.run_pipeline(job, **remote)
     assert "shard 0/2 failed: container preempted" in capsys.readouterr().out
     assert calls == [[0, 1]] and modal_app.todo_shards_job(job) == [0]  # shard 1 finished despite shard 0
@@ -1711,6 +1712,10 @@ def test_modal_app_pipeline_runs_locally_reports_failed_shards_and_resumes(tmp_p
     modal_app.run_pipeline(forced, modal_app.todo_shards_job, lambda job, todo: calls.append(todo) or todo,
                            merge=lambda job: "data")
     assert calls[2] == [0, 1]
+    # ...so after a forced run that failed, the same command again would delete the shards that finished.
+    with pytest.raises(SystemExit, match="re-run the same command without --force in --args to collect the rest"):
+        modal_app.run_pipeline(forced, modal_app.todo_shards_job, lambda job, todo: [RuntimeError("preempted"), None],
+                               merge=lambda job: "data")
 
 
 def test_modal_rerun_with_more_episodes_collects_only_the_new_ones(tmp_path, capsys):
