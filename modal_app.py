@@ -9,7 +9,7 @@
     modal run modal_app.py --run full --gpu L4 --args "--set render=full"    # another look in its own run folder
     modal secret create huggingface HF_TOKEN=hf_...           # once, only for --hf-repo
     modal run modal_app.py --hf-repo you/vjepa2-reacher       # also upload the merged dataset
-    modal volume get vjepa-reacher runs/modal ./runs/modal    # fetch the run folder
+    mkdir -p runs && modal volume get vjepa-reacher runs/modal runs   # fetch runs/modal (--force: again)
 
 `--args` holds the script's options as typed after `python vjepa_reacher.py collect`, checked by its parser (here
 if vjepa_reacher imports, else in the first container, a CPU one); `--run RUN` is the run folder, runs/RUN on the
@@ -268,7 +268,8 @@ def run_pipeline(job, todo_shards, collect_shards, merge, upload=None, evaluate=
         print("uploaded ->", step("upload", upload, data_dir))
     if evaluate:
         step("bc + eval", evaluate, job)
-        print(f"eval done: `modal volume get vjepa-reacher {job.out.removeprefix(VOLUME + '/')}/report.md .`")
+    # modal 1.6.4's `volume get` puts REMOTE's last part inside LOCAL, which must be a folder that exists
+    print(f"fetch it: mkdir -p runs && modal volume get vjepa-reacher {os.path.relpath(job.out, VOLUME)} runs")
     return data_dir
 
 

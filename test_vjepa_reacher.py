@@ -1820,10 +1820,12 @@ def test_modal_renders_with_egl_only_where_a_context_works(monkeypatch, tmp_path
 
 
 def readme_modal_commands():
-    """The options of each `modal run modal_app.py` line in the README's code blocks, split as a shell would."""
+    """The `modal run modal_app.py` and `modal volume get` lines of the README's code blocks, split as a shell
+    would: the options of each run, and each fetch line."""
     blocks = open(os.path.join(HERE, "README.md")).read().split("```")[1::2]
     lines = [shlex.split(l, comments=True) for b in blocks for l in b.splitlines() if "modal" in l]
-    return [l[3:] for l in lines if l[:3] == ["modal", "run", "modal_app.py"]]
+    fetch = [l for l in lines if l[l.index("modal") + 1:][:2] == ["volume", "get"]]
+    return [l[3:] for l in lines if l[:3] == ["modal", "run", "modal_app.py"]], fetch
 
 
 def test_modal_readme_commands_run_in_sequence_without_force(monkeypatch, tmp_path):
@@ -1834,7 +1836,7 @@ def test_modal_readme_commands_run_in_sequence_without_force(monkeypatch, tmp_pa
     jobs = []
     monkeypatch.setattr(modal_app, "run_pipeline", lambda job, **calls: jobs.append(job))
     command = _get_click_command_for_local_entrypoint(modal_app.app, modal_app.main)  # `modal run`'s own parser
-    runs = readme_modal_commands()
+    runs, _ = readme_modal_commands()
     assert len(runs) >= 5 and "smoke" in runs[0]
     for argv in [a for a in runs if "--hf-repo" not in a]:  # in the README's order: smoke, Phase 1, ..., seed
         modal_app.main.info.raw_f(**command.make_context("modal run modal_app.py", argv).params)
@@ -1842,3 +1844,44 @@ def test_modal_readme_commands_run_in_sequence_without_force(monkeypatch, tmp_pa
         assert todo in ([], list(range(jobs[-1].shards))), argv
         fake_collect(modal_app, jobs[-1], todo)
     assert len({job.out for job in jobs}) == 3  # smoke, Phase 1 (+ Phase 2b), the seed's recipe
+
+
+def test_modal_fetch_command_puts_the_run_folder_in_runs(monkeypatch, tmp_path):
+    """Issue 27: `modal volume get vjepa-reacher runs/modal ./runs/modal` put files in ./runs/modal/modal/. The
+    printed fetch line goes through modal 1.6.4's own `volume get`, with a volume that is a local folder."""
+    from click.testing import CliRunner
+    from modal.cli import volume as volume_cli
+    from modal.cli.entry_point import entrypoint_cli
+    from modal.types import FileEntry, FileEntryType
+    modal_app = import_modal_app()
+    monkeypatch.setattr(modal_app, "VOLUME", str(tmp_path / "vol"))
+    job = modal_app.Job(str(tmp_path / "vol" / "runs" / "smoke"), MODAL_TINY, shards=2)
+    fake_collect(modal_app, job, range(2))
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        modal_app.run_pipeline(job, lambda job: [], None, merge=lambda job: "data")
+    fetch = out.getvalue().strip().rpartition("fetch it: ")[2]
+    assert fetch == "mkdir -p runs && modal volume get vjepa-reacher runs/smoke runs"
+    assert readme_modal_commands()[1] and all(line[-1] == "runs" for line in readme_modal_commands()[1])
+
+    class Volume:  # modal.Volume's listing and reading, on the local folder
+        from_name = classmethod(lambda cls, name, environment_name=None: cls())
+
+        async def iterdir(self, path, recursive=True):
+            for d, dirs, files in os.walk(os.path.join(modal_app.VOLUME, path)):
+                for name in dirs + files:
+                    p = os.path.join(d, name)
+                    kind = FileEntryType.DIRECTORY if os.path.isdir(p) else FileEntryType.FILE
+                    yield FileEntry(os.path.relpath(p, modal_app.VOLUME), kind, 0, os.path.getsize(p))
+
+        async def read_file(self, path):
+            yield open(os.path.join(modal_app.VOLUME, path), "rb").read()
+    monkeypatch.setattr(volume_cli, "_Volume", Volume)
+    monkeypatch.chdir(tmp_path)
+    mkdir, get = fetch.split(" && ")
+    os.makedirs(shlex.split(mkdir)[-1])
+    result = CliRunner().invoke(entrypoint_cli, shlex.split(get)[1:])
+    assert result.exit_code == 0, result.output
+    got = sorted(os.path.relpath(f, "runs/smoke") for f in glob.glob("runs/smoke/**/*.json", recursive=True))
+    assert got == sorted(os.path.relpath(f, job.out) for f in glob.glob(f"{job.out}/**/*.json", recursive=True))
+    assert len(got) == 2
