@@ -54,8 +54,7 @@ class Tables:
 
 def install(model, grid):
     """Tables on each encoder layer of a loaded VJEPA2Model, per instance, if its attention is the one they
-    were written for (checked bit for bit on a random input); else transformers' code stays, None is returned
-    (the caller records which ran) and a warning says why: a library does not print."""
+    were written for (checked bit for bit on a random input); else None and a warning: transformers' code stays."""
     from transformers.models.vjepa2 import modeling_vjepa2 as hf
     rope, layers, c = Tables(model.config, grid), [layer.attention for layer in model.encoder.layer], model.config
     rope.thw = (2, c.crop_size // c.patch_size, c.crop_size // c.patch_size)  # a 4-frame clip, for the check

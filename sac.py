@@ -121,8 +121,7 @@ def sac_update(nets, optims, batch, gamma=0.99, tau=0.005, target_entropy=None, 
          a' ~ pi(z'): the soft Bellman target.
       2. actor: minimise alpha log pi(a|z) - min Q(z, a) with a ~ pi(z) reparameterised (CleanRL every other
          step with two updates; one every step here is the same count, simpler).
-      3. alpha: move log alpha so that the policy's entropy tracks target_entropy (None: -action_dim, SAC's
-         heuristic, from the batch's actions).
+      3. alpha: move log alpha so that the policy's entropy tracks target_entropy (None: -action_dim, SAC's).
       4. Polyak: critic_target <- tau critic + (1 - tau) critic_target.
     Returns losses and statistics as floats.
     """
@@ -177,8 +176,7 @@ class SACAgent:
         # not CleanRL's 1M: at D=1024 each costs 8 kB (z and z_next); size it to the whole run.
         # updates_per_step 1: one update per transition (per decision), as CleanRL and DrQ.
         self.device, self.action_repeat, self.batch_size = device, action_repeat, batch_size
-        self.action_dim = action_dim
-        self.gamma, self.tau = gamma, tau
+        self.gamma, self.tau, self.action_dim = gamma, tau, action_dim
         self.learning_starts, self.updates_per_step = learning_starts, updates_per_step
         self.mean = torch.as_tensor(mean, dtype=torch.float32, device=device)
         self.std = torch.as_tensor(std, dtype=torch.float32, device=device)
