@@ -123,8 +123,7 @@ def sac_update(nets, optims, batch, gamma=0.99, tau=0.005, target_entropy=None, 
          step with two updates; one every step here is the same count, simpler).
       3. alpha: move log alpha so that the policy's entropy tracks target_entropy (None: -action_dim, SAC's).
       4. Polyak: critic_target <- tau critic + (1 - tau) critic_target.
-    Returns losses and statistics as floats.
-    """
+    Returns losses and statistics as floats."""
     actor, critic, critic_target, log_alpha = nets["actor"], nets["critic"], nets["critic_target"], nets["log_alpha"]
     alpha = log_alpha.exp().detach()
     target_entropy = -batch["a"].shape[-1] if target_entropy is None else target_entropy
