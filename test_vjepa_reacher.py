@@ -26,6 +26,7 @@ import numpy as np
 import pytest
 import torch
 
+import imagine
 import report
 import rope
 import sac
@@ -1133,6 +1134,108 @@ def test_actor_log_prob_matches_torch_distributions():
     expected = torch.distributions.Normal(mean, log_std.exp()).log_prob(u).sum(-1) - torch.log(1 - a ** 2).sum(-1)
     assert torch.allclose(logp, expected, atol=1e-3)
     assert a.abs().max() <= 1 and (log_std >= sac.LOG_STD_MIN).all() and (log_std <= sac.LOG_STD_MAX).all()
+
+
+# ---------------------------------------------------------------------------------------------
+# imagine.py: behaviour learning in imagination (Phase 5)
+# ---------------------------------------------------------------------------------------------
+def test_lambda_return_by_hand():
+    rewards = torch.tensor([[1.0], [0.0], [2.0]])  # r_1, r_2, r_3
+    values = torch.tensor([[0.5], [1.0], [2.0], [4.0]])  # v_0 .. v_3
+    # R_3 = v_3 = 4; R_2 = 2 + 0.9 (0.5 * 4 + 0.5 * 4) = 5.6; R_1 = 0 + 0.9 (0.5 * 2 + 0.5 * 5.6) = 3.42;
+    # R_0 = 1 + 0.9 (0.5 * 1 + 0.5 * 3.42) = 2.989
+    R = imagine.lambda_return(rewards, values, gamma=0.9, lam=0.5)
+    assert R.shape == (3, 1) and torch.allclose(R[:, 0], torch.tensor([2.989, 3.42, 5.6]))
+    monte_carlo = imagine.lambda_return(rewards, values, gamma=0.9, lam=1.0)[0, 0]
+    assert monte_carlo.item() == pytest.approx(1 + 0.9 * 0 + 0.81 * 2 + 0.729 * 4)
+    td0 = imagine.lambda_return(rewards, values, gamma=0.9, lam=0.0)[:, 0]
+    assert torch.allclose(td0, torch.tensor([1 + 0.9 * 1.0, 0 + 0.9 * 2.0, 2 + 0.9 * 4.0]))
+
+
+def test_return_scale_is_a_debiased_percentile_range_never_below_one():
+    scale = imagine.ReturnScale()
+    assert scale(torch.arange(101.0)) == pytest.approx(90.0)  # P95 - P5 of 0..100, debiased after one update
+    # a second batch (P5 0.5, P95 9.5): EMAs with decay 0.99, debiased by 1 - 0.99^2
+    assert scale(torch.arange(11.0)) == pytest.approx((0.99 * 0.01 * 90 + 0.01 * 9) / (1 - 0.99 ** 2))
+    assert imagine.ReturnScale()(torch.linspace(3.0, 3.5, 50)) == 1.0  # a small range is not blown up
+
+
+class Linear2(torch.nn.Module):
+    """A differentiable toy dynamics z' = z + W [z, a] (action-free if uses_action is False)."""
+
+    def __init__(self, dim, uses_action=True):
+        super().__init__()
+        self.w, self.uses_action = torch.nn.Linear(dim + 2, dim), uses_action
+
+    def forward(self, z, a):
+        return z + self.w(torch.cat([z, a if self.uses_action else torch.zeros_like(a)], -1))
+
+
+def filled_learner(dynamics, dim=3, n=8, T=20, **kw):
+    learner = imagine.Imagination(dynamics, np.zeros(dim), np.ones(dim), hidden=32, batch_size=16, capacity=n * T,
+                                  **kw)
+    rng = np.random.default_rng(0)
+    for _ in range(n):
+        learner.add_episode({"z": rng.normal(size=(T + 1, dim)), "actions": rng.uniform(-1, 1, (T, 2)),
+                             "rewards": rng.uniform(0, 1, T)})
+    return learner
+
+
+@pytest.mark.parametrize("uses_action", [True, False])
+def test_actor_update_reaches_the_actor_through_the_dynamics_only(uses_action):
+    learner = filled_learner(Linear2(3, uses_action), entropy=0.0)  # no entropy: the return is the only signal
+    learner.refit(steps=2)
+    for net in (learner.dynamics, learner.reward, learner.actor):
+        for p in net.parameters():
+            p.grad = None
+    dynamics_before = copy.deepcopy(learner.dynamics.state_dict())
+    learner.update()
+    assert all(p.grad is None for p in learner.dynamics.parameters())  # held fixed: no gradient, no step
+    assert all(p.grad is None for p in learner.reward.parameters())
+    assert all(torch.equal(v, learner.dynamics.state_dict()[k]) for k, v in dynamics_before.items())
+    actor_grad = sum(p.grad.abs().sum().item() for p in learner.actor.parameters())
+    # The return depends on the actions only through f(z, a): an action-free model gives the actor no gradient.
+    assert (actor_grad > 0) == uses_action
+
+
+def test_reward_head_fits_a_known_function_and_records_held_out_loss():
+    learner = filled_learner(Linear2(3), n=40, T=50)
+    for split in ("train", "val"):  # r_t = 0.5 + 0.4 tanh(2 z_{t+1, 0}): a function of the next latent
+        buf = learner.replay[split]
+        buf.r[:len(buf)] = 0.5 + 0.4 * np.tanh(2 * buf.z_next[:len(buf), 0])
+    assert len(learner.replay["val"]) == 4 * 50  # every 10th episode is held out
+    first = learner.refit(steps=600)
+    assert first["reward_val_before"] > 0.02 and first["reward_val"] < 0.002
+    assert learner.refits == [first] and first["env_steps"] == 40 * 50
+
+
+class PointDynamics(torch.nn.Module):
+    """The point task's exact dynamics on standardised z (raw x = 0.6 z): x' = clip(x + 0.2 a, -1, 1)."""
+
+    def __init__(self):
+        super().__init__()
+        self.bias = torch.nn.Parameter(torch.zeros(2))  # something for the refit to hold
+
+    def forward(self, z, a):
+        return torch.clamp(0.6 * z + 0.2 * a, -1, 1) / 0.6 + self.bias
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_imagination_alone_solves_point_task(seed, one_thread):
+    # No real step after the random data: the actor learns only inside the model. Sized for seconds: hidden 64,
+    # gamma 0.9 for a 30-step task, a higher learning rate.
+    learner = imagine.Imagination(PointDynamics(), np.zeros(2), np.full(2, 0.6), hidden=64, batch_size=64,
+                                  gamma=0.9, lr=1e-3, capacity=4000, seed=seed)
+    rng = np.random.default_rng(seed)
+    for ep in point_episodes(lambda z, obs: rng.uniform(-1, 1, (len(z), 2)), [1000 * seed + i for i in range(100)]):
+        learner.add_episode(ep)
+    learner.refit(steps=1000)
+    for _ in range(400):
+        learner.update()
+    trained = point_episodes(learner.greedy, list(range(10 ** 6, 10 ** 6 + 50)))
+    final = np.mean([ep["rewards"][-1] for ep in trained])
+    assert final >= 0.9, f"the imagined actor reached the origin in only {final:.0%} of episodes"
+    assert learner.updates == 400 and learner.env_steps == 3000 and np.isfinite(learner.info["critic_loss"])
 
 
 def ramp_episode(T, D, offset):
