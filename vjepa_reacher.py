@@ -227,7 +227,7 @@ def build_parser():
     a("--imagine-steps", type=positive_int, default=60_000, help="imagine: real env steps after the Phase 2 data "
       "(200 exploration episodes + 60k = SAC's 100k)")
     a("--imagine-updates", type=positive_int, default=5_000, help="imagine: updates on the Phase 2 data before acting")
-    a("--long-episodes", type=int, default=50, help="episodes of reacher-easy's own 1,000 steps per policy, for the "
+    a("--long-episodes", type=partial(number, cast=int, what="an integer >= 0", low=0), default=50, help="episodes of reacher-easy's own 1,000 steps per policy, for the "
       "return DMC papers report (CEM: at most --plan-episodes); 0 skips")
     return p
 
@@ -1450,17 +1450,17 @@ def stage_imagine(args, encoder):
         learner.add_episode({k: data[k][e] for k in ("z", "actions", "rewards")})
     envs = stage_envs(args, encoder, min(args.rl_envs, args.eval_episodes))
 
-    def evaluate(policy, kind="eval", n=args.eval_episodes, steps=args.steps):
-        eps = run_episodes(episode_seeds(kind, n, args.seed), policy, encoder, envs, steps, keep_z=True)
-        return report.episode_metrics(list(eps), steps)
+    def evaluate(policy, kind="eval", n=args.eval_episodes, steps=args.steps, diagnose=False):
+        eps = list(run_episodes(episode_seeds(kind, n, args.seed), policy, encoder, envs, steps, keep_z=True))
+        return report.episode_metrics(eps, steps) | ({"diagnosis": learner.diagnose(eps)} if diagnose else {})
     play = partial(run_episodes, policy=learner, encoder=encoder, envs=envs, steps=args.steps, keep_z=True)
     with cpu_threads(1 if args.device == "cpu" and encoder.dim < 512 else None):
         curve = imagine.dyna(learner, play, episode_seeds("rl", n_episodes, args.seed), envs.n,
                              lambda agent: evaluate(agent.greedy, n=args.rl_eval_episodes),
                              args.rl_eval_every, pretrain=args.imagine_updates)
     seconds, learner.seconds = time.time() - t0, 0.0
-    result = {"eval": evaluate(learner.greedy), "plan": evaluate(learner.greedy, "plan", args.plan_episodes,
-                                                                args.plan_steps)}
+    result = {"eval": evaluate(learner.greedy, diagnose=True),
+              "plan": evaluate(learner.greedy, "plan", args.plan_episodes, args.plan_steps)}
     result["eval"]["ms_per_action"] = 1e3 * learner.seconds / (args.steps * args.eval_episodes + args.plan_steps *
                                                                 args.plan_episodes)  # as MPC's: batched over envs
     if args.long_episodes:
