@@ -1562,6 +1562,7 @@ def test_quick_imagine_beats_random_and_every_policy_has_a_1000_step_return(stat
     r, q = results(out), vr.QUICK
     im = r["imagine"]
     assert im["phase2_steps"] == q["episodes"] * q["steps"] and im["env_steps"] == im["phase2_steps"] + 1000
+    # quick's 400 + 100 updates: seeds 0 and 1 reached 35% and 45% of 20 episodes, random ~5% (measured when sized)
     assert im["eval"]["success"] > r["eval"]["random"]["success"] + 0.2 and im["eval"]["n"] == q["eval_episodes"]
     assert im["plan"]["n"] == q["plan_episodes"] and 0 < im["eval"]["ms_per_action"] < 50
     assert [c["step"] for c in im["curve"]][0] == im["phase2_steps"] and im["curve"][-1]["step"] == im["env_steps"]

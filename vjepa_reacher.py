@@ -127,7 +127,7 @@ RECIPES = {"seed": {k: v.seed for k, v in KNOBS.items()}, "ours": {k: v.ours for
 QUICK = dict(episodes=100, eval_episodes=20, steps=100, epochs=50, dyn_epochs=10, rollout_epochs=10,
              plan_episodes=4, plan_steps=30, rs_plan_steps=None, samples=64, elites=8, rs_samples=128,
              probe_episodes=8, goal_horizon=30, rl_steps=2000, rl_eval_every=1000, rl_eval_episodes=5, long_episodes=0,
-             imagine_steps=1000, imagine_updates=100)
+             imagine_steps=1000, imagine_updates=400)
 
 
 # ---- Options -----------------------------------------------------------------------------------------------------
