@@ -948,6 +948,150 @@ def test_mpc_moves_a_linear_system_to_its_goal():
 
 
 # ---------------------------------------------------------------------------------------------
+# Every --recipe seed knob that can act on the oracle acts where its stage reads it (issue 28)
+# ---------------------------------------------------------------------------------------------
+def knob_values(name):
+    """The seed's value and another: ours, or where ours is the same (or follows an option) the knob's `also`."""
+    knob = vr.KNOBS[name]
+    return knob.seed, knob.ours if knob.ours not in (None, knob.seed) else knob.also[0]
+
+
+def scaled_linear_data(E=10, T=40, D=4):
+    """z' = z + B a on E episodes of T steps, dimensions on scales 1 to 1000 (where standardising acts)."""
+    rng = np.random.default_rng(0)
+    actions = rng.uniform(-1, 1, (E, T, 2)).astype(np.float32)
+    B, z = rng.normal(size=(2, D)).astype(np.float32), np.zeros((E, T + 1, D), np.float32)
+    z[:, 0] = rng.normal(size=(E, D))
+    for t in range(T):
+        z[:, t + 1] = z[:, t] + actions[:, t] @ B
+    return {"z": z * np.float32([1, 10, 100, 1000]), "actions": actions}
+
+
+def trained(stage, name, value, model="mlp"):
+    """(weights, validation history, kept epoch) of BC or one dynamics model trained 4 epochs with knob=value."""
+    args = vr.parse_args([stage, "--device", "cpu", "--epochs", "4", "--set", f"{name}={value}"])
+    with contextlib.redirect_stdout(io.StringIO()):
+        net, info, _ = (vr.train_bc(scaled_linear_data(), args) if stage == "bc" else
+                        vr.train_dynamics(model, scaled_linear_data(), args, epochs=4))
+    return torch.cat([p.flatten() for p in net.state_dict().values()]), info["history"]["val"], info["kept_epoch"]
+
+
+@pytest.mark.parametrize("stage, name, model", [
+    *[("bc", k, None) for k in ("bc_optimizer", "bc_lr", "bc_weight_decay", "schedule_step", "bc_batch_size",
+                                "bc_split", "bc_norm")],
+    *[("dynamics", k, "mlp") for k in ("dyn_lr", "dyn_grad_clip", "dyn_split", "dyn_norm", "schedule_step",
+                                       "train_dtype")],
+    *[("dynamics", k, "mlp_rollout5") for k in ("rollout_loss", "rollout_sampling", "rollout_val")],
+    ("dynamics", "resblock_relu", "resblock")])
+def test_each_training_knob_changes_what_is_trained(stage, name, model):
+    (w_seed, val_seed, _), (w_other, val_other, _) = (trained(stage, name, v, model) for v in knob_values(name))
+    assert not torch.equal(w_seed, w_other) or val_seed != val_other, name
+
+
+def test_bc_keep_best_keeps_an_earlier_epoch_than_final():
+    kept = {v: trained("bc", "bc_keep", v)[2] for v in ("final", "best")}
+    assert kept["final"] == 3 and kept["best"] < 3
+
+
+def test_rollout_val_scores_the_seeds_every_10th_start():
+    """The seed validated mlp_rollout5 from t0 in range(0, T - 5, 10): at T = 40, starts 0, 10, 20, 30."""
+    seen = {}
+    monkeypatch = pytest.MonkeyPatch()
+    monkeypatch.setattr(vr, "fit", lambda model, loss, n_train, n_val, cfg, desc: seen.setdefault("n_val", n_val)
+                        and {"kept_val": 0.0, "kept_epoch": 0, "history": {}})
+    with monkeypatch.context():
+        args = vr.parse_args(["dynamics", "--recipe", "seed", "--device", "cpu"])
+        vr.train_dynamics("mlp_rollout5", scaled_linear_data(), args, epochs=1)
+    monkeypatch.undo()
+    assert seen["n_val"] == 2 * 4  # 2 validation episodes (the last 20%), 4 starts each
+
+
+def planned(name, value):
+    """Actions of two CEM control steps (the second warm-started) on a random mlp, with knob=value."""
+    args = vr.parse_args(["plan", "--device", "cpu", "--horizon", "4", "--samples", "32", "--elites", "4",
+                          "--iterations", "2", "--set", f"{name}={value}"])
+    torch.manual_seed(0)
+    model, goal = vr.Dynamics("mlp", 4).eval(), np.ones(4, np.float32)
+    mpc = vr.MPC(model, {0: goal, 1: -goal}, np.zeros(4, np.float32), np.ones(4, np.float32), args, "cem")
+    return np.stack([mpc(np.zeros((2, 4), np.float32), {"seed": [0, 1]}) for _ in range(2)]), bool(mpc.graphs)
+
+
+@pytest.mark.parametrize("name", ["cem_init_std", "elite_std", "warm_tail", "cost", "execute", "plan_dtype",
+                                  "plan_graph"])
+def test_each_planner_knob_changes_the_actions(name):
+    """plan_graph draws the same noise on the CPU (the same plan, test_static_cem...): there its static path ran."""
+    (first, graphs_first), (second, graphs_second) = (planned(name, v) for v in knob_values(name))
+    assert not np.array_equal(first, second) or graphs_first != graphs_second, name
+
+
+def test_elite_std_unbiased_is_the_seeds_std():
+    elites = torch.tensor([0.0, 0.2, 0.4, 0.6])[None, :, None, None].expand(1, 4, 1, 2)  # 4 samples, all elites
+    for unbiased, var in ((True, 0.2 / 3), (False, 0.2 / 4)):  # squared deviations from 0.3 sum to 0.2
+        _, _, std = vr.cem(lambda a: a.sum((-1, -2)), 1, 1, samples=4, elites=4, iterations=1, noise=elites[None],
+                           mean=torch.zeros(1, 1, 2), std=torch.ones(1, 1, 2), unbiased=unbiased)
+        assert std[0, 0, 0].item() == pytest.approx(math.sqrt(var))
+
+
+def test_collect_knobs_pick_the_seeds_episodes_and_demo_expert(monkeypatch, tmp_path):
+    """episode_seeds=seed: demos and exploration on episodes 0..N-1; demo_expert=p: BC clones the P-controller."""
+    seen = []
+    monkeypatch.setattr(vr, "collect_shard", lambda args, enc, folder, seeds, expert, eps: seen.append(
+        (seeds[:2], expert)) or {})
+    monkeypatch.setattr(vr, "merge", lambda *a: None)
+    for recipe in ("seed", "ours"):
+        args = vr.parse_args(["collect", "--recipe", recipe, "--encoder", "state", "--episodes", "3",
+                              "--out", str(tmp_path / recipe)])
+        with contextlib.redirect_stdout(io.StringIO()):
+            vr.stage_collect(args, vr.load_encoder("state"))
+            vr.STAGES["explore"](args, vr.load_encoder("state"))
+    base = vr.training_base("collect", 0)
+    assert seen[:2] == [([0, 1], "p"), ([0, 1], "p")] and seen[2] == ([base, base + 1], "jacobian")
+    assert vr.parse_args(["bc", "--recipe", "seed"]).expert == "p"
+    assert vr.parse_args(["bc", "--recipe", "seed", "--expert", "jacobian"]).demo_expert == "jacobian"  # typed wins
+
+
+def test_rollout_epochs_sets_the_5_step_models_epochs(state_run, monkeypatch):
+    class Trained(Exception):
+        pass
+
+    def stop(name, data, args, epochs):
+        raise Trained(epochs)
+    monkeypatch.setattr(vr, "train_dynamics", stop)
+    for epochs in (150, 100):
+        args = vr.parse_args(["dynamics", "--encoder", "state", "--dynamics", "mlp_rollout5", "--force",
+                              "--set", f"rollout_epochs={epochs}", "--out", state_run[0]])
+        with pytest.raises(Trained) as caught:
+            vr.stage_dynamics(args, vr.load_encoder("state"))
+        assert caught.value.args == (epochs,)
+
+
+def test_goal_knobs_pick_the_goal_expert_and_its_horizon():
+    seeds, enc = vr.episode_seeds("plan", 3, 0), vr.load_encoder("state")
+    goals = {}
+    for expert, horizon in (("p", 60), ("jacobian", 60), ("jacobian", 4)):
+        args = vr.parse_args(["plan", "--encoder", "state", "--set", f"goal_expert={expert}",
+                              "--set", f"goal_horizon={horizon}"])
+        goals[expert, horizon] = vr.plan_goals(args, enc, seeds, "expert")[1]
+    assert max(g["step"] for g in goals["jacobian", 4]) <= 4 < max(g["step"] for g in goals["jacobian", 60])
+    assert [g["distance"] for g in goals["p", 60]] != [g["distance"] for g in goals["jacobian", 60]]
+
+
+def test_plan_stage_knobs_set_the_episode_lengths_and_random_shootings_goal(state_run, tmp_path):
+    out = str(tmp_path / "run")
+    shutil.copytree(state_run[0], out)
+    sizes = ["--encoder", "state", "--dynamics", "mlp", "--plans", "random/mlp", "cem/mlp", "--plan-episodes", "2",
+             "--samples", "16", "--elites", "4", "--rs-samples", "32", "--iterations", "2", "--horizon", "3",
+             "--force", "--out", out, "--set", "plan_steps=7"]
+    plans = {}
+    for rs_goal, rs_steps in (("random-run", 5), ("expert", 7)):
+        ok("plan", *sizes, "--set", f"rs_goal={rs_goal}", "--set", f"rs_plan_steps={rs_steps}")
+        plans[rs_goal] = results(out)["plan"]
+        assert plans[rs_goal]["cem/mlp"]["steps"] == 7 and plans[rs_goal]["random/mlp"]["steps"] == rs_steps
+    same_goal = {k: p["random/mlp"]["goal_distance"] == p["cem/mlp"]["goal_distance"] for k, p in plans.items()}
+    assert same_goal == {"random-run": False, "expert": True}
+
+
+# ---------------------------------------------------------------------------------------------
 # Probe
 # ---------------------------------------------------------------------------------------------
 def test_probe_recovers_planted_signal_and_not_noise():
