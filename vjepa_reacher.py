@@ -116,7 +116,7 @@ KNOBS = {
     "plan_precision": Knob("fp32", "mpc_planner.py ~153-155", None, "MPC's (ours: precision)", ("half", "auto")),
     "encoder_forward": Knob("full", "gen ~89-106", "encoder", "the predictor adds compute, not embedding"),
     "plan_dtype": Knob("fp32", "mpc_planner.py", "fp32", "planning rollouts (bf16: fp16 on CUDA)", ("bf16",)),
-    "train_dtype": Knob("fp32", "train_dynamics.py", "fp32", "dynamics training (bf16: autocast, 1.5x on this CPU)",
+    "train_dtype": Knob("fp32", "train_dynamics.py", "fp32", "bf16: autocast (timed: results/state-seed)",
                         ("bf16",)),
     "plan_graph": Knob("off", "mpc_planner.py", "off", "CEM's iterations as one CUDA graph (opt-in: never yet run on "
                        "a GPU)", ("on",)),
