@@ -19,6 +19,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import warnings
 
 import numpy as np
@@ -255,6 +256,46 @@ def test_envs_match_fresh_environments_and_sum_repeated_rewards():
     np.testing.assert_array_equal(obs["state"], np.stack([vr.reacher_state(e.physics) for e in fresh]))
     np.testing.assert_allclose(vr.finger_distance(obs["state"]),
                                [np.linalg.norm(np.subtract(*vr.finger_and_target(e.physics))) for e in fresh])
+
+
+def test_jacobian_expert_against_a_finite_difference_jacobian():
+    """tau = kp J^T (target - finger) - kd qvel, with J from finite differences of the finger position in the joint
+    angles; a moving arm checks the damping's sign. Small gains keep tau inside the clip."""
+    env = vr.make_env(3)
+    vr.reset_env(env, 3)
+    physics = env.physics
+    physics.data.qvel[:2] = [2.0, -3.0]
+    physics.forward()
+    finger, target = vr.finger_and_target(physics)
+    J, eps = np.zeros((2, 2)), 1e-6
+    for j in range(2):
+        physics.data.qpos[j] += eps
+        physics.forward()
+        J[:, j] = (vr.finger_and_target(physics)[0] - finger) / eps
+        physics.data.qpos[j] -= eps
+    physics.forward()
+    tau = vr.jacobian_expert(physics, kp=2.0, kd=0.1)
+    expected = 2.0 * J.T @ (target - finger) - 0.1 * np.array([2.0, -3.0])
+    assert np.abs(expected).max() < 1 and np.allclose(tau, expected, atol=1e-4), (tau, expected)
+
+
+def test_training_ranges_bounds_by_arithmetic(monkeypatch):
+    """Whatever 32-bit word the seed mixes to, a training range starts at HELD_OUT_END or above and ends below 2**32:
+    the smallest word starts it at HELD_OUT_END, the one just below the span at 2**32 - MAX_EPISODES - 1."""
+    span = 2 ** 32 - vr.MAX_EPISODES - vr.HELD_OUT_END
+    for word, first in ((0, vr.HELD_OUT_END), (span - 1, 2 ** 32 - vr.MAX_EPISODES - 1), (span, vr.HELD_OUT_END)):
+        class Words:
+            def __init__(self, entropy):
+                pass
+
+            def generate_state(self, n, word=word):
+                return np.full(n, word, np.uint32)
+        monkeypatch.setattr(vr.np.random, "SeedSequence", Words)
+        seeds = vr.episode_seeds("collect", vr.MAX_EPISODES, 0)
+        assert seeds[0] == first and seeds[-1] < 2 ** 32 and seeds[-1] - seeds[0] == vr.MAX_EPISODES - 1, word
+    monkeypatch.undo()
+    held_out_last = max(vr.episode_seeds(k, vr.MAX_EPISODES, 0)[-1] for k in vr.HELD_OUT)
+    assert held_out_last == vr.HELD_OUT["goal"] + vr.MAX_EPISODES - 1 < vr.HELD_OUT_END
 
 
 @pytest.mark.parametrize("seed", [0, 1, 429, 430, 4242, 2 ** 31 - 1])
@@ -740,16 +781,22 @@ FIT = dict(epochs=10, lr=1e-2, batch_size=2, weight_decay=0.0, optimizer="adamw"
 
 
 def test_nan_loss_stops_and_keeps_last_good_weights():
+    """At the 5th update (epoch 2) a finite loss with a NaN gradient turns the weights NaN; the next loss is NaN,
+    and fit must put back the weights kept at epoch 1 (the last validation), not leave the NaN ones."""
     model = torch.nn.Linear(2, 1)
-    calls = {"n": 0}
+    calls, at_val = {"n": 0}, []
 
     def batch_loss(idx, split):
         calls["n"] += split == "train"
         loss = model(torch.ones(len(idx), 2)).pow(2).mean()
-        return loss * float("nan") if calls["n"] > 3 else loss
-    with pytest.raises(vr.UserError, match="loss became nan"):
+        if split == "val":
+            at_val.append(copy.deepcopy(model.state_dict()))
+        elif calls["n"] == 5:  # sqrt(|w - w|) = 0, a finite loss; its gradient at 0 is NaN
+            loss = loss + (model.weight - model.weight.detach()).abs().sqrt().sum()
+        return loss
+    with pytest.raises(vr.UserError, match="loss became nan at epoch 2; stopped, kept the weights of epoch 1"):
         vr.fit(model, batch_loss, 4, 4, FIT)
-    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert all(torch.equal(p, at_val[-1][k]) for k, p in model.state_dict().items())
 
 
 @pytest.mark.parametrize("keep", ["best", "final"])
@@ -770,6 +817,31 @@ def test_fit_keeps_the_best_or_the_final_epoch(keep):
     kept = int(np.argmin(val)) if keep == "best" else 29
     assert fitted["kept_epoch"] == kept and fitted["kept_val"] == val[kept]
     assert model.weight.item() == pytest.approx(weights[kept])
+
+
+def test_kstep_copy_baseline_by_hand_at_k_1_to_3():
+    """z_t = t^2 on one dimension, starts 0, 1, 2: the copy baseline |s^2 - (s + k)^2| = 2sk + k^2 averages to
+    k^2 + 2k, so 3, 8 and 15; a model that adds 2t + 1 (the true step) has no error."""
+    class Square(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(1))
+
+        def forward(self, z, a):
+            return z + 2 * torch.sqrt(z) + 1  # (t + 1)^2 from t^2
+    z = (np.arange(6.0) ** 2).reshape(1, 6, 1).astype(np.float32)
+    space = (np.zeros(1, np.float32), np.ones(1, np.float32))
+    err, copy_z = vr.kstep_error(Square(), z, np.zeros((1, 5, 2), np.float32), [0], space, space, k_max=3)
+    assert copy_z == pytest.approx([3, 8, 15]) and err == pytest.approx([0, 0, 0], abs=1e-5)
+
+
+@pytest.mark.parametrize("name", ["mlp", "mlp_rollout5", "resblock"])
+def test_dynamics_output_depends_on_the_action(name):
+    torch.manual_seed(0)
+    model, z = vr.Dynamics(name, 6), torch.randn(4, 6)
+    a = torch.rand(4, 2) * 2 - 1
+    assert not torch.allclose(model(z, a), model(z, -a))
+    assert torch.equal(model(z, a), model(z.clone(), a.clone()))
 
 
 class Linear(torch.nn.Module):
@@ -905,6 +977,19 @@ def test_cem_returns_the_best_sample_seen_and_mpc_best_executes_its_first_action
     np.testing.assert_allclose(action, best[:, 0].numpy())
 
 
+def test_cem_keeps_the_best_sample_of_an_earlier_iteration():
+    """Costs rise by 100 each iteration, so the best sample ever seen comes from the first one, not the last."""
+    seen = []
+
+    def rising(actions):
+        costs = (actions - 0.3).pow(2).sum((-1, -2)) + 100 * len(seen)
+        seen.append((actions, costs))
+        return costs
+    best, _, _ = vr.cem(rising, 2, 3, samples=16, elites=4, iterations=3, generator=torch.Generator().manual_seed(0))
+    first, costs = seen[0]
+    assert torch.equal(best, first[torch.arange(2), costs.argmin(1)])
+
+
 def test_static_cem_is_cem_on_fixed_buffers_with_noise_drawn_up_front():
     model = vr.Dynamics("mlp", 10).eval()
     z, goal, mean = torch.randn(3, 10), torch.randn(3, 10), torch.zeros(3, 5, 2)
@@ -1018,17 +1103,16 @@ def test_bc_keep_best_keeps_an_earlier_epoch_than_final():
     assert kept["final"] == 3 and kept["best"] < 3
 
 
-def test_rollout_val_scores_the_seeds_every_10th_start():
-    """The seed validated mlp_rollout5 from t0 in range(0, T - 5, 10): at T = 40, starts 0, 10, 20, 30."""
-    seen = {}
-    monkeypatch = pytest.MonkeyPatch()
-    monkeypatch.setattr(vr, "fit", lambda model, loss, n_train, n_val, cfg, desc: seen.setdefault("n_val", n_val)
-                        and {"kept_val": 0.0, "kept_epoch": 0, "history": {}})
-    with monkeypatch.context():
-        args = vr.parse_args(["dynamics", "--recipe", "seed", "--device", "cpu"])
-        vr.train_dynamics("mlp_rollout5", scaled_linear_data(), args, epochs=1)
-    monkeypatch.undo()
-    assert seen["n_val"] == 2 * 4  # 2 validation episodes (the last 20%), 4 starts each
+def test_rollout_val_scores_the_seeds_every_10th_start(monkeypatch):
+    """The seed validated mlp_rollout5 from t0 in range(0, T - 5, 10): at T = 40, starts 0, 10, 20, 30; at T = 25,
+    0 and 10 (not 20: the seed's range stops before T - 5)."""
+    seen = []
+    monkeypatch.setattr(vr, "fit", lambda model, loss, n_train, n_val, cfg, desc: seen.append(n_val)
+                        or {"kept_val": 0.0, "kept_epoch": 0, "history": {}})
+    args = vr.parse_args(["dynamics", "--recipe", "seed", "--device", "cpu"])
+    for T in (40, 25):
+        vr.train_dynamics("mlp_rollout5", scaled_linear_data(T=T), args, epochs=1)
+    assert seen == [2 * 4, 2 * 2]  # 2 validation episodes (the last 20%), 4 and 2 starts each
 
 
 def planned(name, value):
@@ -1119,6 +1203,19 @@ def test_plan_stage_knobs_set_the_episode_lengths_and_random_shootings_goal(stat
 # ---------------------------------------------------------------------------------------------
 # Probe
 # ---------------------------------------------------------------------------------------------
+def test_probe_velocity_is_taken_within_episodes(monkeypatch):
+    """The finger moves +x within each episode and jumps back -10 m between episodes: every velocity target is
+    (1, 0), and the first step of each episode (no velocity yet) is left out, never differenced across episodes."""
+    seen = {}
+    monkeypatch.setattr(report, "ridge_probe", lambda z, Y, episode: seen.setdefault(len(seen), (Y, episode)) and 0.0)
+    states = np.zeros((3, 4, len(vr.STATE_NAMES)), np.float32)
+    states[..., 6] = -10 * np.arange(3)[:, None] + 0.1 * np.arange(4)
+    vr.probe_embeddings(np.random.default_rng(0).normal(size=(12, 5)), states)
+    Y, episode = seen[3]  # finger_xy, target_xy, joint_angles, velocity_direction
+    np.testing.assert_allclose(Y, np.tile([1.0, 0.0], (9, 1)), atol=1e-6)
+    assert list(episode) == [0, 0, 0, 1, 1, 1, 2, 2, 2]
+
+
 def test_probe_recovers_planted_signal_and_not_noise():
     rng = np.random.default_rng(0)
     states = rng.normal(size=(10, 30, len(vr.STATE_NAMES))).astype(np.float32)
@@ -1368,6 +1465,7 @@ def make_shard(root, name, seeds, steps=5, expert="p", encoder="state"):
 @pytest.mark.parametrize("case, problem", [
     ("missing", "missing shards [2] of 3"), ("overlap", "seeds overlap between shards (e.g. [3])"),
     ("steps", "has steps=6 but"), ("expert", "has expert=jacobian but"), ("encoder", "has encoder="),
+    ("epsilon", "has epsilon=0.3 but"), ("render", "has render=full@256 but"),
     ("incomplete", "is incomplete (no meta.json)"),
 ])
 def test_merge_refuses_shards_that_do_not_fit(tmp_path, case, problem):
@@ -1381,6 +1479,10 @@ def test_merge_refuses_shards_that_do_not_fit(tmp_path, case, problem):
         shards = [first, make_shard(root, "shard_1of2", seeds, **second.get(case, {}))]
         if case == "incomplete":
             os.remove(os.path.join(shards[1], "meta.json"))
+        if case in ("epsilon", "render"):  # every field merge compares, one at a time
+            meta = json.load(open(os.path.join(shards[1], "meta.json")))
+            meta[case] = {"epsilon": 0.3, "render": "full@256"}[case]
+            report.save_json(os.path.join(shards[1], "meta.json"), meta)
     with pytest.raises(vr.UserError) as e:
         vr.merge(shards, str(tmp_path / "data"))
     message = str(e.value)
@@ -1450,10 +1552,15 @@ def test_ctrl_c_says_where_to_resume(tmp_path):
     p = subprocess.Popen([sys.executable, "-c", WAITS_FOR_CTRL_C, "collect", "--encoder", "state", "--episodes", "4",
                           "--steps", "5", "--batch-size", "1", "--out", out], cwd=HERE, stdout=subprocess.PIPE,
                          stderr=subprocess.PIPE, text=True)
-    try:
-        for line in p.stdout:  # blocks until the child is waiting (or ends early, which fails below)
+    waiting = threading.Event()
+
+    def watch():  # reads the child's lines on a thread, so a child that stalls cannot hang the test
+        for line in p.stdout:
             if line.startswith("waiting for Ctrl-C"):
-                break
+                return waiting.set()
+    try:
+        threading.Thread(target=watch, daemon=True).start()
+        assert waiting.wait(timeout=120), "the child never reached its wait"
         p.send_signal(signal.SIGINT)
         _, err = p.communicate(timeout=120)
     finally:

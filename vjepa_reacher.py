@@ -997,7 +997,7 @@ class Dynamics(nn.Module):
 def train_dynamics(name, data, args, epochs):
     """SmoothL1 on z_{t+1..t+k}, unrolled k steps on the model's own predictions (k = 5 for mlp_rollout5).
     rollout_sampling 'every-start' trains on every (episode, start); 'one-start' on batches of 64 training episodes
-    sharing one random start, as the seed's Phase 4c. Validation uses every start, or (rollout_val) the seed's."""
+    sharing one random start, as the seed's Phase 4c. rollout_val 'every-10th' validates on t0 in range(0, T-k, 2k)."""
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
     z, actions, device = data["z"], data["actions"], args.device
@@ -1007,10 +1007,8 @@ def train_dynamics(name, data, args, epochs):
     train_eps, val_eps = split_episodes(E, 0.2 if contiguous else 0.1, args.seed, contiguous)
     mean, std = standardizer(z, train_eps, args.dyn_norm == "train")
     mean_t, std_t = torch.from_numpy(mean), torch.from_numpy(std)
-    starts = {s: np.array([(e, t) for e in eps for t in range(T - k + 1)]) for s, eps in
-              (("train", train_eps), ("val", val_eps))}
-    if k > 1 and args.rollout_val == "every-10th":  # seed: t0 in range(0, T - k, 2k), every 10th start at k = 5
-        starts["val"] = starts["val"][(starts["val"][:, 1] % (2 * k) == 0) & (starts["val"][:, 1] < max(1, T - k))]
+    starts = {s: np.array([(e, t) for e in eps for t in range(0, T - k + (n == 1) or 1, n)]) for s, eps, n in
+              (("train", train_eps, 1), ("val", val_eps, 2 * k if k > 1 and args.rollout_val == "every-10th" else 1))}
     # the seed's k-step loss weighs step h by (h+1)/k and divides the sum by k: ~0.6x one step's, not k times
     weights = [1.0] * k if args.rollout_loss == "sum" else [(h + 1) / k / k for h in range(k)]
     model = Dynamics(name, z.shape[-1], args.resblock_relu == "on").to(device)
