@@ -83,16 +83,17 @@ class Imagination:
     at every refit (learner.refits): the seed's reward head overfitted as its validation loss rose unseen.
     """
 
-    def __init__(self, dynamics, mean, std, action_dim=2, hidden=256, batch_size=256, horizon=15, gamma=0.985,
+    def __init__(self, dynamics, mean, std, action_dim=2, hidden=256, batch_size=64, horizon=15, gamma=0.985,
                  lam=0.95, actor_grad="dynamics", entropy=3e-4, slow_rate=0.02, lr=3e-4, grad_clip=100.0,
-                 refit_steps=300, refit_lr=1e-4, val_every=10, capacity=1_000_000, seed=0, device="cpu"):
+                 refit_steps=500, refit_lr=3e-4, val_every=10, capacity=1_000_000, seed=0, device="cpu"):
         # horizon 15, lambda 0.95, entropy 3e-4, slow critic 0.02 a step, clip 100: DreamerV3's configs.yaml.
-        # batch 256 starts: DreamerV3 imagines from 16 x 64 = 1,024; a quarter keeps an update ~0.1 s on one core.
-        # refit_steps 300 at 1e-4: a warm-started polish of models that already fit the Phase 2 data.
+        # batch 64 starts (DreamerV3: 16 x 64 = 1,024): on one core an update costs ~0.1 s at 64 and ~0.2 s at 256,
+        # and 64 learned faster per second here (results/phase5/README.md).
+        # refit 500 steps at 3e-4: warm-started, enough to take in the states the actor newly reaches.
         assert actor_grad in ("dynamics", "reinforce")
         self.horizon, self.gamma, self.lam, self.actor_grad, self.entropy = horizon, gamma, lam, actor_grad, entropy
-        self.batch_size, self.slow_rate, self.grad_clip, self.refit_steps = batch_size, slow_rate, grad_clip, refit_steps
-        self.device, self.action_dim, self.val_every = device, action_dim, val_every
+        self.batch_size, self.slow_rate, self.grad_clip = batch_size, slow_rate, grad_clip
+        self.device, self.refit_steps, self.val_every = device, refit_steps, val_every
         self.mean = torch.as_tensor(mean, dtype=torch.float32, device=device)
         self.std = torch.as_tensor(std, dtype=torch.float32, device=device)
         dim = self.mean.numel()
@@ -195,6 +196,23 @@ class Imagination:
         return self.info
 
     @torch.no_grad()
+    def diagnose(self, episodes):
+        """Where the learned policy's real episodes (z (T+1, D), actions, rewards) part from what it imagined: the
+        reward head's MSE and the dynamics' 1-step L2 error along them, beside that error on held-out replay."""
+        rows = []
+        for ep in episodes:
+            z, a = self.standardize(ep["z"]), torch.as_tensor(np.asarray(ep["actions"]), device=self.device)
+            rows.append([((self.reward(z[1:]).squeeze(-1).cpu().numpy() - ep["rewards"]) ** 2).mean(),
+                         (self.dynamics(z[:-1], a) - z[1:]).norm(dim=-1).mean().item(), ep["rewards"][-1] >= 1])
+        rows, (z, a, _, z_next) = np.array(rows, np.float64), self.batch("val" if len(self.replay["val"]) else
+                                                                          "train", 4096)
+        out = {"replay_dynamics_error": (self.dynamics(z, a) - z_next).norm(dim=-1).mean().item()}
+        for name, keep in (("success", rows[:, 2] == 1), ("failure", rows[:, 2] == 0)):
+            out[name] = {"n": int(keep.sum()), "reward_mse": float(rows[keep, 0].mean()) if keep.any() else None,
+                         "dynamics_error": float(rows[keep, 1].mean()) if keep.any() else None}
+        return out
+
+    @torch.no_grad()
     def __call__(self, z, obs):
         """a = tanh(u), u ~ the actor's Gaussian: actions (B, A) for raw z (B, D), to explore in the real env."""
         mean, std = gaussian(self.actor, self.standardize(z))
@@ -211,10 +229,11 @@ class Imagination:
         return a
 
 
-def dyna(learner, play, seeds, chunk, evaluate, eval_every, ratio=0.1, refit_every=5_000, pretrain=0):
-    """Dyna: `pretrain` imagination updates on the replay already held, then the real episodes `seeds`, `chunk` at a
-    time: play(seeds) acts with the learner and returns the finished episodes, which go into replay; every
-    refit_every env steps the reward head and dynamics are refitted; `ratio` updates follow each new env step.
+def dyna(learner, play, seeds, chunk, evaluate, eval_every, ratio=0.1, refit_every=2_000, pretrain=0, first_fit=2_000):
+    """Dyna: the reward head's first fit (first_fit steps), `pretrain` imagination updates on the replay already
+    held, then the real episodes `seeds`, `chunk` at a time: play(seeds) acts with the learner and returns the
+    finished episodes, which go into replay; every refit_every env steps the reward head and dynamics are refitted;
+    `ratio` updates follow each new env step.
     evaluate(learner) -> {success, return} at the start, every eval_every env steps and at the end: the curve."""
     curve, t0, owed = [], time.time(), 0.0
 
@@ -226,7 +245,7 @@ def dyna(learner, play, seeds, chunk, evaluate, eval_every, ratio=0.1, refit_eve
         print(f"imagine: {learner.env_steps:,} env steps | {learner.updates:,} updates | eval success "
               f"{m['success']:.2f} | return {m['return']:.1f} | reward val {learner.refits[-1]['reward_val']:.4f} | "
               f"{time.time() - t0:.0f} s", flush=True)
-    learner.refit()
+    learner.refit(first_fit)
     for _ in range(pretrain):
         learner.update()
     point()

@@ -267,7 +267,18 @@ def imagine_section(results):
             f"{im['updates']:,} imagination updates, {im['seconds']:.0f} s; {im['eval']['ms_per_action']:.3f} ms an "
             f"action. Reward head held-out MSE {first['reward_val']:.4f} at the first refit, {last['reward_val']:.4f} "
             f"at the last ({len(im['refits'])} refits); dynamics held-out SmoothL1 {first['dynamics_val']:.5f} -> "
-            f"{last['dynamics_val']:.5f}. Learning curve: ![learning curves](rl_curve.png)")
+            f"{last['dynamics_val']:.5f}.{diagnosis_line(im['eval'].get('diagnosis'))} Learning curve: "
+            "![learning curves](rl_curve.png)")
+
+
+def diagnosis_line(d):
+    """Where the actor-critic's real evaluation episodes part from its imagination, for successes and failures."""
+    if not d:
+        return ""
+    parts = [f"{k} (n = {d[k]['n']}): reward head MSE {d[k]['reward_mse']:.3f}, dynamics 1-step error "
+             f"{d[k]['dynamics_error']:.3f}" for k in ("success", "failure") if d[k]["n"]]
+    return (" Along its real evaluation episodes, " + "; ".join(parts) +
+            f" (held-out replay: {d['replay_dynamics_error']:.3f}).")
 
 
 def gif(path, frames, captions, goal=None):

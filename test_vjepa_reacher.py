@@ -39,7 +39,8 @@ SCRIPT = os.path.join(HERE, "vjepa_reacher.py")
 TINY = ["--episodes", "6", "--eval-episodes", "4", "--steps", "20", "--epochs", "5", "--dyn-epochs", "2",
         "--plan-episodes", "2", "--set", "plan_steps=6", "--samples", "16", "--elites", "4", "--rs-samples", "32",
         "--iterations", "2", "--horizon", "3", "--probe-episodes", "4", "--batch-size", "8", "--rl-steps", "80",
-        "--rl-envs", "2", "--rl-eval-every", "80", "--rl-eval-episodes", "2"]
+        "--rl-envs", "2", "--rl-eval-every", "80", "--rl-eval-episodes", "2", "--imagine-steps", "40",
+        "--imagine-updates", "3", "--long-episodes", "0"]
 # Without the 8.4M-param resblock, whose planning dominates a tiny run's time.
 LIGHT = ["--dynamics", "mlp", "mlp_rollout5", "--plans", "random/mlp", "cem/mlp", "cem/mlp_rollout5"]
 
@@ -113,7 +114,7 @@ def state_run(tmp_path_factory):
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)  # a non-writable numpy array into torch once raised one
         _, err = ok("all", "--quick", "--encoder", "state", "--dynamics", "mlp", "--plans", "random/mlp", "cem/mlp",
-                    "--rl-steps", "1000", "--out", out)
+                    "--rl-steps", "1000", "--long-episodes", "1", "--out", out)
     return out, err
 
 
@@ -1830,6 +1831,26 @@ def test_all_quick_with_state_oracle(state_run):
     assert "\r" not in err  # one line per interval in a log, not tqdm's carriage returns
     stdout, _ = ok("rl", "--quick", "--encoder", "state", "--out", out)
     assert "rl.json has" in stdout and "--force to redo" in stdout
+
+
+def test_quick_imagine_beats_random_and_every_policy_has_a_1000_step_return(state_run):
+    out, _ = state_run
+    r, q = results(out), vr.QUICK
+    im = r["imagine"]
+    assert im["phase2_steps"] == q["episodes"] * q["steps"] and im["env_steps"] == im["phase2_steps"] + 1000
+    assert im["eval"]["success"] > r["eval"]["random"]["success"] + 0.2 and im["eval"]["n"] == q["eval_episodes"]
+    assert im["plan"]["n"] == q["plan_episodes"] and 0 < im["eval"]["ms_per_action"] < 50
+    assert [c["step"] for c in im["curve"]][0] == im["phase2_steps"] and im["curve"][-1]["step"] == im["env_steps"]
+    assert len(im["refits"]) >= 1 and all(np.isfinite(f["reward_val"]) for f in im["refits"])
+    assert im["updates"] == q["imagine_updates"] + 1000 // 10  # pretraining, then 0.1 an env step
+    for name, m in list(r["experts"].items()) + list(r["eval"].items()) + list(r["plan"].items()):
+        long = m["standard"]  # reacher-easy's own episode, on the first --long-episodes episodes
+        assert long["n"] == 1, name  # --long-episodes 1
+        assert 0 <= long["return"] <= vr.MAX_STEPS and long["return_ci"] >= 0, name
+    assert r["experts"]["jacobian"]["standard"]["return"] > 900  # in the target from ~step 50 to step 1,000
+    rows = open(os.path.join(out, "rl_curve.csv")).read().splitlines()
+    assert rows[0].startswith("method,env_steps") and {x.split(",")[0] for x in rows[1:]} == {"rl", "imagine"}
+    assert "Phase 5: actor-critic in imagination" in open(os.path.join(out, "report.md")).read()
 
 
 def test_all_quick_with_tiny_vjepa2_then_report(tiny_run):

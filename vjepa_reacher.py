@@ -129,7 +129,7 @@ RECIPES = {"seed": {k: v.seed for k, v in KNOBS.items()}, "ours": {k: v.ours for
 # shrink the most because CEM on the 8.4M-param resblock costs ~17 GFLOP per 1,000 imagined steps.
 QUICK = dict(episodes=100, eval_episodes=20, steps=100, epochs=50, dyn_epochs=10, rollout_epochs=10,
              plan_episodes=4, plan_steps=30, rs_plan_steps=None, samples=64, elites=8, rs_samples=128,
-             probe_episodes=8, goal_horizon=30, rl_steps=2000, rl_eval_every=1000, rl_eval_episodes=5, long_episodes=2,
+             probe_episodes=8, goal_horizon=30, rl_steps=2000, rl_eval_every=1000, rl_eval_episodes=5, long_episodes=0,
              imagine_steps=1000, imagine_updates=100)
 
 
@@ -230,8 +230,9 @@ def build_parser():
     a("--imagine-steps", type=positive_int, default=60_000, help="imagine: real env steps after the Phase 2 data "
       "(200 exploration episodes + 60k = SAC's 100k)")
     a("--imagine-updates", type=positive_int, default=5_000, help="imagine: updates on the Phase 2 data before acting")
-    a("--long-episodes", type=int, default=50, help="episodes of reacher-easy's own 1,000 steps per policy, for the "
-      "return DMC papers report (CEM: at most --plan-episodes); 0 skips")
+    a("--long-episodes", type=partial(number, cast=int, what="an integer >= 0", low=0), default=50,
+      help="episodes of reacher-easy's own 1,000 steps per policy, for the "
+      "return DMC papers report (CEM: at most --plan-episodes); 0 skips, as --quick does")
     return p
 
 
@@ -1458,17 +1459,18 @@ def stage_imagine(args, encoder):
         learner.add_episode({k: data[k][e] for k in ("z", "actions", "rewards")})
     envs = stage_envs(args, encoder, min(args.rl_envs, args.eval_episodes))
 
-    def evaluate(policy, kind="eval", n=args.eval_episodes, steps=args.steps):
-        eps = run_episodes(episode_seeds(kind, n, args.seed), policy, encoder, envs, steps, keep_z=True)
-        return report.episode_metrics(list(eps), steps)
+    def evaluate(policy, kind="eval", n=args.eval_episodes, steps=args.steps, diagnose=False):
+        eps = list(run_episodes(episode_seeds(kind, n, args.seed), policy, encoder, envs, steps, keep_z=True))
+        return report.episode_metrics(eps, steps) | ({"diagnosis": learner.diagnose(eps)} if diagnose else {})
     play = partial(run_episodes, policy=learner, encoder=encoder, envs=envs, steps=args.steps, keep_z=True)
     with cpu_threads(1 if args.device == "cpu" and encoder.dim < 512 else None):
         curve = imagine.dyna(learner, play, episode_seeds("rl", n_episodes, args.seed), envs.n,
                              lambda agent: evaluate(agent.greedy, n=args.rl_eval_episodes),
-                             args.rl_eval_every, pretrain=args.imagine_updates)
+                             args.rl_eval_every, pretrain=args.imagine_updates,
+                             first_fit=min(2_000, args.imagine_updates))  # the reward head's first fit: fewer in smoke
     seconds, learner.seconds = time.time() - t0, 0.0
-    result = {"eval": evaluate(learner.greedy), "plan": evaluate(learner.greedy, "plan", args.plan_episodes,
-                                                                args.plan_steps)}
+    result = {"eval": evaluate(learner.greedy, diagnose=True),
+              "plan": evaluate(learner.greedy, "plan", args.plan_episodes, args.plan_steps)}
     result["eval"]["ms_per_action"] = 1e3 * learner.seconds / (args.steps * args.eval_episodes + args.plan_steps *
                                                                 args.plan_episodes)  # as MPC's: batched over envs
     if args.long_episodes:
