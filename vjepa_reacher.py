@@ -92,8 +92,10 @@ KNOBS = {
     "rollout_loss": Knob("weighted", "multistep ~177-187", "sum", "seed: step h weighs (h+1)/k/k, ~0.6x one step"),
     "rollout_sampling": Knob("one-start", "multistep ~105-110, 170", "every-start", "~30x more updates an epoch"),
     "rollout_epochs": Knob(150, "multistep ~106", 100, "epochs of mlp_rollout5"),
+    "rollout_val": Knob("every-10th", "multistep ~211", "every-start", "mlp_rollout5's validation starts"),
     "resblock_relu": Knob("on", "resblock ~68-71", "off", "ReLU(x + net(x)) clips the residual stream at 0"),
     "cem_init_std": Knob(0.5, "mpc_planner.py ~74-99", 1.0, "covers the action box [-1, 1] at first"),
+    "elite_std": Knob("unbiased", "mpc_planner.py ~99", "biased", "the elites' std: torch's default, or /n"),
     "warm_tail": Knob("zero", "mpc_planner.py ~76-80", "repeat", "shifted mean's new last step, as TD-MPC2"),
     "cost": Knob("weighted", "mpc_planner.py ~104-114", "final", "L2 to the goal at the end, or (t+1)/H-weighted"),
     "execute": Knob("best", "mpc_planner.py ~94-102", "mean", "first action of the elite mean or the best sample"),
@@ -103,6 +105,7 @@ KNOBS = {
     "goal_horizon": Knob(300, "mpc_planner.py ~117-142", None, "steps the goal expert runs (ours: plan_steps)"),
     "goal_form": Knob("frame", "mpc_planner.py ~117-142", "window", "closest frame x8, or the window there"),
     "mpc_obs": Knob("frame", "mpc_planner.py ~41-48", "window", "current frame x8, or the window it trained on"),
+    "demo_expert": Knob("p", "gen at 8c91016 ~133", None, "BC's demo expert (ours: --expert)", ("jacobian",)),
     "rs_goal": Knob("random-run", "mpc_planner.py at ebcc18d ~57-144", "expert", "seed's shows another target"),
     "frame_size": Knob(256, "gen ~74-78", 256, "frame size for data, BC and RL"),
     "plan_frame_size": Knob(224, "mpc_planner.py ~31-35", None, "goals and MPC (ours: frame_size)"),
@@ -113,7 +116,7 @@ KNOBS = {
     "plan_precision": Knob("fp32", "mpc_planner.py ~153-155", None, "MPC's (ours: precision)", ("half", "auto")),
     "encoder_forward": Knob("full", "gen ~89-106", "encoder", "the predictor adds compute, not embedding"),
     "plan_dtype": Knob("fp32", "mpc_planner.py", "fp32", "planning rollouts (bf16: fp16 on CUDA)", ("bf16",)),
-    "train_dtype": Knob("fp32", "train_dynamics.py", "fp32", "dynamics training (bf16: autocast, 1.5x on this CPU)",
+    "train_dtype": Knob("fp32", "train_dynamics.py", "fp32", "bf16: autocast (timed: results/state-seed)",
                         ("bf16",)),
     "plan_graph": Knob("off", "mpc_planner.py", "off", "CEM's iterations as one CUDA graph (opt-in: never yet run on "
                        "a GPU)", ("on",)),
@@ -250,6 +253,9 @@ def resolve_knobs(args, typed):
             setattr(args, k, v)
     for k, v in args.set:
         setattr(args, k, v)
+    if "expert" in typed and "demo_expert" not in typed:  # a typed --expert beats the recipe's demo expert
+        args.demo_expert = args.expert
+    args.expert = args.demo_expert = args.demo_expert or args.expert
     args.goal_expert = args.goal_expert or args.expert
     args.goal_horizon = args.goal_horizon or args.plan_steps
     args.rs_plan_steps = args.rs_plan_steps or args.plan_steps
@@ -999,7 +1005,7 @@ class Dynamics(nn.Module):
 def train_dynamics(name, data, args, epochs):
     """SmoothL1 on z_{t+1..t+k}, unrolled k steps on the model's own predictions (k = 5 for mlp_rollout5).
     rollout_sampling 'every-start' trains on every (episode, start); 'one-start' on batches of 64 training episodes
-    sharing one random start, as the seed's Phase 4c. Validation always uses every start."""
+    sharing one random start, as the seed's Phase 4c. rollout_val 'every-10th' validates on t0 in range(0, T-k, 2k)."""
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
     z, actions, device = data["z"], data["actions"], args.device
@@ -1009,8 +1015,8 @@ def train_dynamics(name, data, args, epochs):
     train_eps, val_eps = split_episodes(E, 0.2 if contiguous else 0.1, args.seed, contiguous)
     mean, std = standardizer(z, train_eps, args.dyn_norm == "train")
     mean_t, std_t = torch.from_numpy(mean), torch.from_numpy(std)
-    starts = {s: np.array([(e, t) for e in eps for t in range(T - k + 1)]) for s, eps in
-              (("train", train_eps), ("val", val_eps))}
+    starts = {s: np.array([(e, t) for e in eps for t in range(0, T - k + (n == 1) or 1, n)]) for s, eps, n in
+              (("train", train_eps, 1), ("val", val_eps, 2 * k if k > 1 and args.rollout_val == "every-10th" else 1))}
     # the seed's k-step loss weighs step h by (h+1)/k and divides the sum by k: ~0.6x one step's, not k times
     weights = [1.0] * k if args.rollout_loss == "sum" else [(h + 1) / k / k for h in range(k)]
     model = Dynamics(name, z.shape[-1], args.resblock_relu == "on").to(device)
@@ -1065,14 +1071,15 @@ def kstep_error(model, z, actions, episodes, model_space, common, k_max=10):
 
 # ---- Planners: CEM and random shooting (CEM with one iteration), batched over episodes ---------------------------
 def cem(cost_fn, batch, horizon, action_dim=2, samples=500, elites=50, iterations=5, mean=None, std=None,
-        init_std=1.0, min_std=0.05, uniform_first=False, generator=None, device="cpu", noise=None):
+        init_std=1.0, min_std=0.05, uniform_first=False, generator=None, device="cpu", noise=None, unbiased=False):
     """Cross-entropy method over action sequences, for `batch` independent problems at once.
 
     cost_fn(actions (batch, samples, horizon, action_dim)) -> costs (batch, samples).
     1. sample `samples` sequences from N(mean, std) (uniform in [-1, 1] on the first iteration if
        uniform_first), clamped to the action bounds;
     2. score them with cost_fn and keep the `elites` lowest-cost sequences (topk);
-    3. refit mean and std to the elites, std clamped below at min_std; repeat `iterations` times.
+    3. refit mean and std to the elites (std over n, or n - 1 if unbiased), clamped below at min_std; repeat
+       `iterations` times.
     Returns (the lowest-cost sequence seen in any iteration (batch, horizon, A), mean, std).
     With iterations=1, elites=1 and uniform_first=True this is random shooting. noise: the standard normal draws
     (iterations, batch, samples, horizon, A) made up front, e.g. for a CUDA graph; else drawn from `generator`.
@@ -1095,7 +1102,7 @@ def cem(cost_fn, batch, horizon, action_dim=2, samples=500, elites=50, iteration
         best = elite[:, 0] if best is None else torch.where(better[:, None, None], elite[:, 0], best)
         best_cost = torch.minimum(best_cost, elite_cost[:, 0])
         mean = elite.mean(1)
-        std = elite.std(1, unbiased=False).clamp_min(min_std) if elites > 1 else torch.full_like(mean, min_std)
+        std = elite.std(1, unbiased=unbiased).clamp_min(min_std) if elites > 1 else torch.full_like(mean, min_std)
     return best, mean, std
 
 
@@ -1177,7 +1184,7 @@ class MPC:
             else:
                 best, m, _ = cem(fn, len(seeds), a.horizon, samples=a.samples, elites=a.elites,
                                  iterations=a.iterations, mean=mean, init_std=a.cem_init_std,
-                                 generator=self.generator, device=self.device)
+                                 generator=self.generator, device=self.device, unbiased=a.elite_std == "unbiased")
             self.warm.update(zip(seeds, m))
             action = (m if a.execute == "mean" else best)[:, 0]
         self.seconds += time.perf_counter() - t0
@@ -1192,7 +1199,8 @@ class MPC:
                       noise=torch.empty((a.iterations, B, a.samples, a.horizon, 2), device=self.device))
             run = partial(cem, latent_cost(self.model, io["z"], io["goal"], self.cost, self.dtype), B, a.horizon,
                           samples=a.samples, elites=a.elites, iterations=a.iterations, mean=io["mean"],
-                          init_std=a.cem_init_std, noise=io["noise"], device=self.device)
+                          init_std=a.cem_init_std, noise=io["noise"], device=self.device,
+                          unbiased=a.elite_std == "unbiased")
             graph = torch.cuda.CUDAGraph() if self.device.startswith("cuda") else None
             if graph is not None:  # warm up on a side stream, then capture, as torch.cuda.graph asks
                 side = torch.cuda.Stream()
