@@ -434,7 +434,9 @@ def test_report_tables_show_the_numbers_in_results_json(state_run):
         row = rows[name]
         lo, hi = p["success_ci"]
         assert row[1] == f"{pct(p['success'])}% [{pct(lo)}, {pct(hi)}]", row
-        assert f"{p['return']:.1f}" in row and str(p["n"]) == row[-2] == str(r["config"]["plan_episodes"])
+        assert f"{p['return']:.1f}" in row and str(p["n"]) == row[-3] == str(r["config"]["plan_episodes"])
+        long = p["standard"]  # the 1,000-step return, its interval and n
+        assert row[-2] == f"{long['return']:.0f} ± {long['return_ci']:.0f} (n = {long['n']})", row
         cells = [c.split(" ± ")[0] for c in row]
         assert f"{p['final_distance']:.3f}" in cells and f"{p['initial_distance']:.3f}" in cells, row
     d = r["dynamics"]["mlp"]
