@@ -41,7 +41,7 @@ volume = modal.Volume.from_name("vjepa-reacher", create_if_missing=True)
 # The runtime lines of requirements.txt (test_modal_* checks they match), without modal and pytest. On Linux x86_64,
 # torch from PyPI is the CUDA build (it pulls NVIDIA's runtime wheels), which is what a GPU container wants.
 PACKAGES = ["torch==2.13.0", "mujoco==3.17.0", "dm_control==1.0.50", "transformers>=4.53,<6", "safetensors>=0.4",
-            "numpy>=1.26", "tqdm>=4.66", "matplotlib>=3.8", "pillow>=10.1", "huggingface_hub>=0.30"]
+            "numpy>=1.26", "scipy>=1.11", "tqdm>=4.66", "matplotlib>=3.8", "pillow>=10.1", "huggingface_hub>=0.30"]
 # EGL through libglvnd, which dispatches to a vendor library named by a JSON file: Modal's GPU containers mount the
 # NVIDIA driver libraries (libEGL_nvidia among them) but a slim image has no NVIDIA vendor file, so write the
 # standard one (as MuJoCo's Colab notebook does). libosmesa6: the CPU fallback where no EGL context works.

@@ -1947,10 +1947,11 @@ def comparable(r):
     r.pop("timing"), r.pop("config")
     for p in r["plan"].values():
         p.pop("ms_per_action")
-    for run in r["rl"]["runs"].values():
+    for run in list(r["rl"]["runs"].values()) + [r["imagine"]]:
         run.pop("seconds")
         for point in run["curve"]:
             point.pop("seconds")
+    r["imagine"]["eval"].pop("ms_per_action"), r["eval"]["imagine"].pop("ms_per_action")
     assert "seconds" not in json.dumps(r) and "ms_" not in json.dumps(r)  # no other wall time left to compare
     return r
 
