@@ -39,7 +39,7 @@ SCRIPT = os.path.join(HERE, "vjepa_reacher.py")
 TINY = ["--episodes", "6", "--eval-episodes", "4", "--steps", "20", "--epochs", "5", "--dyn-epochs", "2",
         "--plan-episodes", "2", "--set", "plan_steps=6", "--samples", "16", "--elites", "4", "--rs-samples", "32",
         "--iterations", "2", "--horizon", "3", "--probe-episodes", "4", "--batch-size", "8", "--rl-steps", "80",
-        "--rl-envs", "2", "--rl-eval-every", "80", "--rl-eval-episodes", "2", "--imagine-steps", "40",
+        "--rl-envs", "2", "--rl-eval-every", "80", "--imagine-steps", "40",
         "--imagine-updates", "3", "--long-episodes", "0"]
 # Without the 8.4M-param resblock, whose planning dominates a tiny run's time.
 LIGHT = ["--dynamics", "mlp", "mlp_rollout5", "--plans", "random/mlp", "cem/mlp", "cem/mlp_rollout5"]

@@ -57,6 +57,7 @@ DEFAULT_ENCODER = "facebook/vjepa2-vitl-fpc64-256"
 MAX_STEPS = 1000  # reacher-easy's own time limit: 20 s at 0.02 s per control step
 LEAN_RENDER = dict(shadow=False, reflection=False, skybox=False)  # same arm and target, faster (bench.py)
 STATE_NAMES = ("sin_q0", "sin_q1", "cos_q0", "cos_q1", "qvel0", "qvel1", "finger_x", "finger_y", "target_x", "target_y")
+SAC_REPEAT = 2  # SAC holds each action 2 control steps (DrQ-v2's action repeat)
 EXPLORE = ("p", 0.3)  # seed: Phase 2 exploration data, the P-controller with epsilon 0.3
 # Episode seeds (each fixes reacher's target and arm start; see `episode_seeds`). Held-out episodes live below
 # HELD_OUT_END, the same for every --seed, so training seeds are compared on paired episodes; training ones never do.
@@ -129,7 +130,7 @@ RECIPES = {"seed": {k: v.seed for k, v in KNOBS.items()}, "ours": {k: v.ours for
 # shrink the most because CEM on the 8.4M-param resblock costs ~17 GFLOP per 1,000 imagined steps.
 QUICK = dict(episodes=100, eval_episodes=20, steps=100, epochs=50, dyn_epochs=10, rollout_epochs=10,
              plan_episodes=4, plan_steps=30, rs_plan_steps=None, samples=64, elites=8, rs_samples=128,
-             probe_episodes=8, goal_horizon=30, rl_steps=2000, rl_eval_every=1000, rl_eval_episodes=5, long_episodes=0,
+             probe_episodes=8, goal_horizon=30, rl_steps=2000, rl_eval_every=1000, long_episodes=0,
              imagine_steps=1000, imagine_updates=400)
 
 
@@ -223,10 +224,9 @@ def build_parser():
     a("--probe-episodes", type=positive_int, default=20, help="episodes rendered for the probe")
     a("--rl-steps", type=positive_int, default=100_000, help="SAC environment steps (= the seed's 500 demos x 200)")
     a("--rl-envs", type=positive_int, default=8, help="SAC: environments stepped in lockstep, encoded as one batch")
-    a("--action-repeat", type=positive_int, default=2, help="SAC: each action held this many steps (DrQ: 2)")
     a("--rl-demos", action="store_true", help="SAC: also a variant with half of each batch from the demos (RLPD)")
-    a("--rl-eval-every", type=positive_int, default=10_000, help="SAC: environment steps between curve points")
-    a("--rl-eval-episodes", type=positive_int, default=10, help="SAC and imagine: episodes per learning-curve point")
+    a("--rl-eval-every", type=positive_int, default=10_000, help="SAC and imagine: environment steps between "
+      "learning-curve points, each on a tenth of --eval-episodes")
     a("--imagine-steps", type=positive_int, default=60_000, help="imagine: real env steps after the Phase 2 data "
       "(200 exploration episodes + 60k = SAC's 100k)")
     a("--imagine-updates", type=positive_int, default=5_000, help="imagine: updates on the Phase 2 data before acting")
@@ -269,6 +269,7 @@ def parse_args(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)
     resolve_knobs(args, given_options(argv) | {k for k, _ in args.set})
+    args.rl_eval_episodes = max(1, args.eval_episodes // 10)  # a learning-curve point: 10 of the default 100
     if max(args.steps, args.plan_steps, args.rs_plan_steps, args.goal_horizon) > MAX_STEPS:
         parser.error(f"--steps, plan_steps, rs_plan_steps and goal_horizon must be at most {MAX_STEPS} (time limit)")
     if args.elites > args.samples:
@@ -1365,7 +1366,7 @@ def run_sac(args, encoder, data, standardisation, result, name):
     """One SAC variant ('rl', or 'rl+demos' with half of each batch from the Phase 1 demos, as RLPD): trained,
     then its deterministic policy evaluated on the evaluation episodes; its actor and rl.json are saved."""
     t0, (mean, std) = time.time(), standardisation
-    per_episode, repeat = args.steps // args.action_repeat * args.action_repeat, args.action_repeat
+    per_episode, repeat = args.steps // SAC_REPEAT * SAC_REPEAT, SAC_REPEAT
     demos = None
     if "demos" in name:  # half of each batch from the Phase 1 demos
         episodes = [{k: data[k][e] for k in ("z", "actions", "rewards")} for e in range(len(data["z"]))]
