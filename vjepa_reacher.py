@@ -58,11 +58,10 @@ MAX_STEPS = 1000  # reacher-easy's own time limit: 20 s at 0.02 s per control st
 LEAN_RENDER = dict(shadow=False, reflection=False, skybox=False)  # same arm and target, faster (bench.py)
 STATE_NAMES = ("sin_q0", "sin_q1", "cos_q0", "cos_q1", "qvel0", "qvel1", "finger_x", "finger_y", "target_x", "target_y")
 EXPLORE = ("p", 0.3)  # seed: Phase 2 exploration data, the P-controller with epsilon 0.3
-# Episode seeds (each fixes reacher's target and arm start; see `episode_seeds`). Held-out episodes live below
-# HELD_OUT_END, the same for every --seed, so training seeds are compared on paired episodes; training ones never do.
+# Episode seeds fix reacher's target and arm start (`episode_seeds`). Held-out episodes are fixed ranges below 2**24,
+# the same for every --seed, so training seeds are compared on paired episodes; training episodes lie above it.
 HELD_OUT = {"eval": 5_000, "plan": 1_000_000, "probe": 2_000_000, "goal": 3_000_000}  # seed: eval on 5000-5099
-HELD_OUT_END = 2 ** 24
-TRAINING = {"collect": 0, "explore": 1, "rl": 2}  # stage ids for np.random.SeedSequence([--seed, id])
+TRAINING = ("collect", "explore", "rl")  # stage i of --seed S starts at 2**24 + a hash of (S, i)
 MAX_EPISODES = 995_000  # per range: keeps every held-out range inside its slot, e.g. 5000 + n <= 1,000,000
 MAX_SEED = 2 ** 31 - 1
 EXPERT_NAMES = ("p", "jacobian")
@@ -73,9 +72,18 @@ ALL = ("collect", "bc", "eval", "rl", "explore", "dynamics", "plan", "probe", "r
 # ---- The recipe: every knob where our code and the seed's differ, one row each -------------------------------------
 # `--recipe seed|ours` picks a column; `--set name=value` overrides one knob (as nanoGPT's configurator). A text
 # knob takes its two columns' values and those in `also`. Files are the seed repository's (ThomasVuNguyen/Meta-s-Jepa,
-# train_robots/; gen = generate_and_encode_modal.py); shared/seed_audit.md has the rows. An `ours` of None means the
-# same as the option or knob that `why` names.
+# train_robots/; gen = generate_and_encode_modal.py); shared/seed_audit.md has the rows. An `ours` of SameAs("x")
+# takes the value of option or knob x once everything else is set.
 Knob = collections.namedtuple("Knob", "seed source ours why also", defaults=((),))
+
+
+class SameAs(collections.namedtuple("SameAs", "name")):
+    """An `ours` that takes the value of option or knob `name`: random shooting runs as long as CEM, say."""
+
+    def __str__(self):
+        return f"={self.name}"
+
+
 KNOBS = {
     "bc_optimizer": Knob("adam", "train_bc.py ~50", "adamw", "faster to converge at our small budgets"),
     "bc_lr": Knob(3e-4, "train_bc.py ~50", 1e-3, "faster to converge; both decay to ~0"),
@@ -98,19 +106,20 @@ KNOBS = {
     "cost": Knob("weighted", "mpc_planner.py ~104-114", "final", "L2 to the goal at the end, or (t+1)/H-weighted"),
     "execute": Knob("best", "mpc_planner.py ~94-102", "mean", "first action of the elite mean or the best sample"),
     "plan_steps": Knob(200, "mpc_planner.py ~205", 100, "CEM episode length; the arm reaches in < 50 steps"),
-    "rs_plan_steps": Knob(100, "mpc_planner.py at ebcc18d ~144", None, "random shooting's length (ours: plan_steps)"),
-    "goal_expert": Knob("p", "mpc_planner.py ~117-142", None, "goal maker (ours: --expert)", ("jacobian",)),
-    "goal_horizon": Knob(300, "mpc_planner.py ~117-142", None, "steps the goal expert runs (ours: plan_steps)"),
+    "rs_plan_steps": Knob(100, "mpc_planner.py at ebcc18d ~144", SameAs("plan_steps"), "random shooting's length"),
+    "goal_expert": Knob("p", "mpc_planner.py ~117-142", SameAs("expert"), "goal maker", ("jacobian",)),
+    "goal_horizon": Knob(300, "mpc_planner.py ~117-142", SameAs("plan_steps"), "steps the goal expert runs"),
     "goal_form": Knob("frame", "mpc_planner.py ~117-142", "window", "closest frame x8, or the window there"),
     "mpc_obs": Knob("frame", "mpc_planner.py ~41-48", "window", "current frame x8, or the window it trained on"),
     "rs_goal": Knob("random-run", "mpc_planner.py at ebcc18d ~57-144", "expert", "seed's shows another target"),
     "frame_size": Knob(256, "gen ~74-78", 256, "frame size for data, BC and RL"),
-    "plan_frame_size": Knob(224, "mpc_planner.py ~31-35", None, "goals and MPC (ours: frame_size)"),
+    "plan_frame_size": Knob(224, "mpc_planner.py ~31-35", SameAs("frame_size"), "frame size of goals and MPC"),
     "render": Knob("full", "gen ~74-78", "lean", "no shadows, reflections, skybox: same arm and target, faster"),
     "episode_seeds": Knob("seed", "gen ~120-126", "ours", "seed: 0..N-1 for demos and exploration alike"),
     "precision": Knob("half", "gen at 8c91016 ~67-71", "auto", "auto: fp16 weights on CUDA, bf16 autocast on CPU",
                       ("fp32", "fp16", "bf16")),
-    "plan_precision": Knob("fp32", "mpc_planner.py ~153-155", None, "MPC's (ours: precision)", ("half", "auto")),
+    "plan_precision": Knob("fp32", "mpc_planner.py ~153-155", SameAs("precision"), "MPC's encoder precision",
+                           ("half", "auto")),
     "encoder_forward": Knob("full", "gen ~89-106", "encoder", "the predictor adds compute, not embedding"),
     "plan_dtype": Knob("fp32", "mpc_planner.py", "fp32", "planning rollouts (bf16: fp16 on CUDA)", ("bf16",)),
     "train_dtype": Knob("fp32", "train_dynamics.py", "fp32", "dynamics training (bf16: autocast, 1.5x on this CPU)",
@@ -125,26 +134,28 @@ RECIPES = {"seed": {k: v.seed for k, v in KNOBS.items()}, "ours": {k: v.ours for
 # --quick: smoke-sized runs on 2 CPU cores; it fills what you did not type, before the recipe. Planner sizes
 # shrink the most because CEM on the 8.4M-param resblock costs ~17 GFLOP per 1,000 imagined steps.
 QUICK = dict(episodes=100, eval_episodes=20, steps=100, epochs=50, dyn_epochs=10, rollout_epochs=10,
-             plan_episodes=4, plan_steps=30, rs_plan_steps=None, samples=64, elites=8, rs_samples=128,
+             plan_episodes=4, plan_steps=30, rs_plan_steps=SameAs("plan_steps"), samples=64, elites=8, rs_samples=128,
              probe_episodes=8, goal_horizon=30, rl_steps=2000, rl_eval_every=1000, rl_eval_episodes=5)
 
 
 # ---- Options -----------------------------------------------------------------------------------------------------
 # They come first, as CleanRL's Args do, so that --help and a bad option answer at once, before torch loads.
-def number(s, cast, what, low, high=math.inf, strict=False):
-    """An argparse type (with partial): a finite int or float (`cast`) in [low, high], or (low, high] if strict."""
-    try:
-        v = cast(s)
-    except ValueError:
-        v = math.nan
-    if not (math.isfinite(v) and (v > low if strict else v >= low) and v <= high):
-        raise argparse.ArgumentTypeError(f"expected {what}, got {s!r}")
-    return v
+def checked(cast, ok, what):
+    """An argparse type: s cast to int or float, finite and ok(value), else the error 'expected <what>'."""
+    def parse(s):
+        try:
+            value = cast(s)
+        except ValueError:
+            value = math.nan
+        if not (math.isfinite(value) and ok(value)):
+            raise argparse.ArgumentTypeError(f"expected {what}, got {s!r}")
+        return value
+    return parse
 
 
-positive_int = partial(number, cast=int, what="an integer > 0", low=0, strict=True)
-unit_float = partial(number, cast=float, what="a number in [0, 1]", low=0, high=1)
-seed_int = partial(number, cast=int, what=f"an integer in [0, 2**31 - 1 = {MAX_SEED}]", low=0, high=MAX_SEED)
+positive_int = checked(int, lambda v: v > 0, "an integer > 0")
+unit_float = checked(float, lambda v: 0 <= v <= 1, "a number in [0, 1]")
+seed_int = checked(int, lambda v: 0 <= v <= MAX_SEED, f"an integer in [0, 2**31 - 1 = {MAX_SEED}]")
 
 
 def knob_setting(s):
@@ -154,12 +165,13 @@ def knob_setting(s):
         raise argparse.ArgumentTypeError(f"unknown knob {name!r} in {s!r}: --help lists them")
     knob = KNOBS[name]
     if isinstance(knob.seed, str):
-        choices = [c for c in (knob.seed, knob.ours, *knob.also) if c is not None]
+        choices = [c for c in (knob.seed, knob.ours, *knob.also) if isinstance(c, str)]
         if value not in choices:
             raise argparse.ArgumentTypeError(f"knob {name}: expected one of {', '.join(choices)}, got {value!r}")
         return name, value
-    strict = 0 not in (knob.seed, knob.ours)  # a numeric knob whose seed or ours value is 0 may be 0
-    return name, number(value, type(knob.seed), f"knob {name} {'>' if strict else '>='} 0", 0, strict=strict)
+    if 0 in (knob.seed, knob.ours):  # 0 means none, e.g. dyn_grad_clip
+        return name, checked(type(knob.seed), lambda v: v >= 0, f"knob {name} >= 0")(value)
+    return name, checked(type(knob.seed), lambda v: v > 0, f"knob {name} > 0")(value)
 
 
 def shard_spec(s):
@@ -182,7 +194,7 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescript
 
 
 def build_parser():
-    knobs = [f"  {k:<17} seed: {v.seed!s:<11} ours: {'(see why)' if v.ours is None else v.ours!s:<11} {v.why} "
+    knobs = [f"  {k:<17} seed: {v.seed!s:<11} ours: {v.ours!s:<11} {v.why} "
              f"[seed: {v.source}]" for k, v in KNOBS.items()]  # every knob with both values, in --help
     p = argparse.ArgumentParser(prog="vjepa_reacher.py", description=__doc__.split("\n\n")[0], formatter_class=
                                 HelpFormatter, epilog="knobs (--set name=value; --recipe picks a column):\n" +
@@ -195,7 +207,8 @@ def build_parser():
     a("--set", type=knob_setting, action="append", default=[], metavar="KNOB=VALUE", help="override a knob (repeat)")
     a("--quick", action="store_true", help="smoke-sized preset, minutes on 2 CPU cores: " +
       ", ".join(f"{k}={v}" for k, v in QUICK.items()))
-    a("--seed", type=seed_int, default=0, help="training seed: torch, numpy and the training episodes")
+    a("--seed", type=seed_int, default=0, help="training seed: torch and the training episodes; about 1 seed in 700 "
+      "is refused, as its collect, explore and rl episodes would overlap (152 is the first)")
     a("--seeds", type=seed_int, nargs="+", help="once per training seed in OUT/seed_S, then OUT/seeds.md across them")
     a("--device", default="auto", help="torch device for encoder, training and planning; auto = cuda if available")
     a("--force", action="store_true", help="re-run stages whose outputs exist (otherwise they are skipped)")
@@ -235,7 +248,7 @@ def given_options(argv):
 
 
 def resolve_knobs(args, typed):
-    """Each knob: --set if given, else --quick's size if any, else the recipe's column; then the follow-ons."""
+    """Each knob: --set if given, else --quick's size if any, else the recipe's column; then each SameAs."""
     for k in KNOBS:
         setattr(args, k, RECIPES[args.recipe][k])
     for k, v in QUICK.items():
@@ -243,11 +256,9 @@ def resolve_knobs(args, typed):
             setattr(args, k, v)
     for k, v in args.set:
         setattr(args, k, v)
-    args.goal_expert = args.goal_expert or args.expert
-    args.goal_horizon = args.goal_horizon or args.plan_steps
-    args.rs_plan_steps = args.rs_plan_steps or args.plan_steps
-    args.plan_frame_size = args.plan_frame_size or args.frame_size
-    args.plan_precision = args.plan_precision or args.precision
+    for k in KNOBS:  # SameAs("x") -> x's value; no SameAs points at another SameAs
+        if isinstance(getattr(args, k), SameAs):
+            setattr(args, k, getattr(args, getattr(args, k).name))
 
 
 def parse_args(argv=None):
@@ -640,27 +651,21 @@ def run_episodes(seeds, policy, encoder, envs, steps, keep_z=False, keep_frames=
                   "left", file=sys.stderr, flush=True)
 
 
-def training_base(kind, seed):
-    """First episode seed of --seed's `collect`, `explore` or `rl` range: SeedSequence([seed, stage id]) mixed
-    into a 32-bit word in [HELD_OUT_END, 2**32 - MAX_EPISODES), so no training episode is ever a held-out one.
-    On a collision with the seed's earlier ranges (p ~ 5e-4 each) it takes the sequence's next word."""
-    span = 2 ** 32 - MAX_EPISODES - HELD_OUT_END
-    taken = [training_base(k, seed) for k, i in TRAINING.items() if i < TRAINING[kind]]
-    words = np.random.SeedSequence([seed, TRAINING[kind]]).generate_state(8)
-    return next(base for base in (HELD_OUT_END + int(w) % span for w in words)
-                if all(abs(base - other) >= MAX_EPISODES for other in taken))
-
-
 def episode_seeds(kind, n, seed, same_as_seed_code=False):
-    """n episode seeds of `kind`: held-out kinds (eval, plan, probe, goal) are fixed ranges below HELD_OUT_END,
-    the same for every --seed; collect, explore and rl start at `training_base`, or at 0 for both demos and
-    exploration with same_as_seed_code (the seed reused its demo seeds)."""
+    """n episode seeds of `kind`. Held-out kinds (HELD_OUT) start at fixed seeds below 2**24, the same for every
+    --seed. Training kinds (TRAINING) start at 2**24 plus a 32-bit hash of (--seed, stage) modulo the room left, or
+    at 0 for demos and exploration alike with same_as_seed_code (the seed's code reused its demo seeds). A --seed
+    whose three training ranges would overlap (about 1 in 700; 152 is the first) is refused."""
     if n > MAX_EPISODES:
         raise UserError(f"at most {MAX_EPISODES:,} episodes per range, got {n:,}")
     if kind in HELD_OUT:
-        return [HELD_OUT[kind] + i for i in range(n)]
-    start = 0 if same_as_seed_code else training_base(kind, seed)
-    return [start + i for i in range(n)]
+        return list(range(HELD_OUT[kind], HELD_OUT[kind] + n))
+    room = 2 ** 32 - MAX_EPISODES - 2 ** 24
+    starts = [2 ** 24 + int(np.random.SeedSequence([seed, i]).generate_state(1)[0]) % room for i in range(3)]
+    if min(np.diff(sorted(starts))) < MAX_EPISODES:
+        raise UserError(f"--seed {seed}: its collect, explore and rl episodes would overlap; use another --seed")
+    start = 0 if same_as_seed_code else starts[TRAINING.index(kind)]
+    return list(range(start, start + n))
 
 
 # ---- Data collection: shards of per-episode files, merged into one memory-mappable dataset -----------------------

@@ -1,0 +1,66 @@
+"""gpu.py: the speed machinery that only pays on a GPU, kept out of vjepa_reacher.py's way: TF32 while planning,
+one function captured as a CUDA graph on static buffers (CEM, `--set plan_graph=on`) and torch.compile of V-JEPA 2's
+encoder at a few fixed batch sizes (`--set compile=on`). Off CUDA each piece runs the same code eagerly, so the CPU
+tests check it; bench.py times it on a GPU. Imports nothing from the script.
+"""
+import contextlib
+
+import torch
+
+
+@contextlib.contextmanager
+def tf32(device):
+    """TF32 matmuls inside the block on CUDA (CEM ranks costs and does not need fp32's last bits), then the old
+    setting back. Only PyTorch's fp32_precision API is used: while it says tf32, PyTorch refuses reads of the legacy
+    flags (torch.backends.cuda.matmul.allow_tf32, torch.get_float32_matmul_precision), so nothing here reads them."""
+    old = torch.backends.cuda.matmul.fp32_precision
+    if device.startswith("cuda"):
+        torch.backends.cuda.matmul.fp32_precision = "tf32"
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.fp32_precision = old
+
+
+class Graphed:
+    """fn(*tensors) -> a tuple of tensors, run on static copies of its first inputs. On CUDA, fn is warmed up on a side
+    stream with those real inputs and then captured once as a CUDA graph (as torch.cuda.graph asks), and each call
+    replays it: one launch for its hundreds of kernels. Elsewhere fn runs eagerly on the same buffers.
+    Each call copies its inputs into the buffers and returns clones of the outputs."""
+
+    def __init__(self, fn, *inputs):
+        self.fn, self.inputs = fn, [x.clone() for x in inputs]
+        self.graph = torch.cuda.CUDAGraph() if self.inputs[0].is_cuda else None
+        if self.graph is not None:
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                fn(*self.inputs)
+            torch.cuda.current_stream().wait_stream(side)
+            with torch.cuda.graph(self.graph):
+                self.outputs = fn(*self.inputs)
+
+    def __call__(self, *inputs):
+        for buffer, x in zip(self.inputs, inputs):
+            buffer.copy_(x)
+        if self.graph is None:
+            return tuple(y.clone() for y in self.fn(*self.inputs))
+        self.graph.replay()
+        return tuple(y.clone() for y in self.outputs)
+
+
+class Compiled(torch.nn.Module):
+    """V-JEPA 2's encoder under torch.compile with static shapes (dynamic=False): a batch of n windows goes up padded
+    to the next power of two from 8 (8, 16, 32, ...), so each of those few sizes compiles once and none again, and
+    RL's 8 environments are not padded to --batch-size. The padded rows are dropped from the output."""
+
+    def __init__(self, encoder, backend="inductor"):
+        super().__init__()
+        self.encoder = torch.compile(encoder, backend=backend, dynamic=False)
+
+    def forward(self, pixel_values_videos, **kwargs):
+        x, n = pixel_values_videos, len(pixel_values_videos)
+        size = max(8, 1 << (n - 1).bit_length())
+        out = self.encoder(pixel_values_videos=torch.cat([x, x[-1:].expand(size - n, *x.shape[1:])]), **kwargs)
+        out.last_hidden_state = out.last_hidden_state[:n]
+        return out
