@@ -231,7 +231,7 @@ def build_parser():
     a("--rs-samples", type=positive_int, default=1000, help="random-shooting samples (seed: 1000)")
     a("--probe-episodes", type=positive_int, default=20, help="episodes rendered for the probe")
     a("--rl-steps", type=positive_int, default=100_000, help="SAC environment steps (= the seed's 500 demos x 200)")
-    a("--rl-envs", type=positive_int, default=8, help="SAC: environments stepped in lockstep, encoded as one batch")
+    a("--rl-envs", type=positive_int, default=8, help="SAC: environments stepped in lockstep (at most --batch-size)")
     a("--action-repeat", type=positive_int, default=2, help="SAC: each action held this many steps (DrQ: 2)")
     a("--rl-demos", action="store_true", help="SAC: also a variant with half of each batch from the demos (RLPD)")
     a("--rl-eval-every", type=positive_int, default=10_000, help="SAC: environment steps between curve points")
@@ -287,7 +287,8 @@ import torch.nn as nn  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-import report  # noqa: E402  (report.py, rope.py and sac.py import nothing back)
+import gpu  # noqa: E402  (gpu.py, report.py, rope.py and sac.py import nothing back)
+import report  # noqa: E402
 import rope  # noqa: E402
 import sac  # noqa: E402
 from report import UserError, atomic_path, load_json, save_json  # noqa: E402
@@ -394,7 +395,7 @@ class Envs:
     def __init__(self, n, frame_size=None, lean=True, expert=None, action_repeat=1):
         self.n, self.envs, self.action_repeat = n, [make_env(0) for _ in range(n)], action_repeat
         self.renderer = Renderer(frame_size, lean) if frame_size else None
-        self.expert = EXPERTS.get(expert)
+        self.expert = EXPERTS[expert] if expert else None
 
     def observe(self, n):
         physics = [env.physics for env in self.envs[:n]]
@@ -421,7 +422,7 @@ class Envs:
 
 # ---- Policies: policy(z, obs) -> actions (B, 2); z (B, D) tensor or None, obs: state, seed (and expert) -----------
 def expert_policy(z, obs):
-    """The expert's action, computed where the physics lives (Envs(expert=...))."""
+    """Executes obs["expert"]: the action of the expert named in Envs(expert=name), computed on its physics."""
     return obs["expert"]
 
 
@@ -465,6 +466,7 @@ class Encoder:
     batch_size: int = 32
     positions: str = "input"  # RoPE token grid: the input's, or the checkpoint's (rope.py)
     rope: object = None  # the installed rope.Tables; None: transformers' own rotary code runs
+    normalize: tuple = None  # ImageNet's (scale, shift) for uint8 pixels, on the device in the input dtype
 
     @property
     def pixels(self):
@@ -489,7 +491,11 @@ def variant(encoder, precision=None, **changes):
     if model is not None and (precision == "half") != (encoder.precision == "half"):
         model = copy.deepcopy(model, copied).to(torch.float16 if precision == "half" else torch.float32)
     rope = copied.get(id(encoder.rope), encoder.rope)  # the copy's hooks use a copy of the tables
-    return dataclasses.replace(encoder, model=model, precision=precision, rope=rope, **changes)
+    # ImageNet's mean and std, as V-JEPA 2 was pretrained: (x / 255 - mean) / std = x * scale - shift, built once
+    mean, std = torch.tensor((0.485, 0.456, 0.406)), torch.tensor((0.229, 0.224, 0.225))
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "half": torch.float16}.get(precision, torch.float32)
+    normalize = tuple(x.to(encoder.device, dtype) for x in (1 / (255 * std), mean / std))
+    return dataclasses.replace(encoder, model=model, precision=precision, rope=rope, normalize=normalize, **changes)
 
 
 def tiny_config():
@@ -544,14 +550,20 @@ def load_encoder(name_or_path, device="cpu", precision="auto", seed=0, **feed):
     return variant(dataclasses.replace(encoder, rope=rope.install(model, encoder.positions)), precision)
 
 
-def preprocess(windows, dtype):
-    """uint8 (B, 8, H, W, 3) -> (B, 8, 3, H, W) in ImageNet mean/std: two in-place passes, channels-last, then a
-    permuted view, since (x / 255 - mean) / std = x / (255 std) - mean / std; in bf16 if the encoder runs so."""
-    x = windows.to(dtype)
-    mean = torch.tensor((0.485, 0.456, 0.406), device=x.device)  # ImageNet's: V-JEPA 2 was pretrained with them
-    std = torch.tensor((0.229, 0.224, 0.225), device=x.device)
-    x.mul_((1 / (255 * std)).to(dtype)).sub_((mean / std).to(dtype))
-    return x.permute(0, 1, 4, 2, 3)
+def preprocess(windows, scale, shift):
+    """uint8 (B, 8, H, W, 3) -> (B, 8, 3, H, W) in scale's dtype: x * scale - shift, two in-place passes on the
+    channels-last layout, then a permuted view."""
+    return windows.to(scale.dtype).mul_(scale).sub_(shift).permute(0, 1, 4, 2, 3)
+
+
+def check_windows(encoder, windows):
+    """One clear error for windows of the wrong shape or dtype, before any forward."""
+    want = (WINDOW, encoder.frame_size, encoder.frame_size, 3) if encoder.pixels else (WINDOW, encoder.dim)
+    if tuple(windows.shape[1:]) != want or (encoder.pixels and windows.dtype != torch.uint8):
+        kind = "uint8 windows" if encoder.pixels else "windows"
+        raise UserError(f"encode: expected a batch of {kind} (B, {', '.join(map(str, want))}), got "
+                        f"{str(windows.dtype).replace('torch.', '')} {tuple(windows.shape)}")
+    return windows
 
 
 @torch.inference_mode()
@@ -560,43 +572,31 @@ def encode(encoder, windows):
     Pixels: uint8 (B, 8, H, W, 3), numpy or torch, through V-JEPA 2's encoder (with its predictor too for forward
     'full', as the seed: same embedding); z = the mean over tokens of last_hidden_state. `state`: the last row of
     (B, 8, S). Form 'frame': the newest frame stands for the whole window (the seed's MPC)."""
-    windows = torch.as_tensor(windows).to(encoder.device, non_blocking=True)
-    want = (WINDOW, encoder.frame_size, encoder.frame_size, 3) if encoder.pixels else (WINDOW, encoder.dim)
-    if tuple(windows.shape[1:]) != want or (encoder.pixels and windows.dtype != torch.uint8):  # one clear error
-        kind = "uint8 windows" if encoder.pixels else "windows"
-        raise UserError(f"encode: expected a batch of {kind} (B, {', '.join(map(str, want))}), got "
-                        f"{str(windows.dtype).replace('torch.', '')} {tuple(windows.shape)}")
+    windows = check_windows(encoder, torch.as_tensor(windows).to(encoder.device, non_blocking=True))
     if encoder.form == "frame":
         windows = windows[:, -1:].expand_as(windows)
     if not encoder.pixels:
         return windows[:, -1].float()
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "half": torch.float16}.get(encoder.precision)
-    autocast = dtype is not None and encoder.precision != "half"  # half: the weights are fp16 already
     net = encoder.model if encoder.forward == "full" else encoder.model.encoder
-    fixed = hasattr(encoder.model.encoder, "_orig_mod")  # compiled for one batch shape: pad the last batch to it
-    z = []
-    for batch in windows.split(encoder.batch_size):
-        n = len(batch)
-        if fixed:
-            batch = torch.cat([batch, batch[-1:].expand(encoder.batch_size - n, *batch.shape[1:])])
-        with torch.autocast(windows.device.type, dtype=dtype, enabled=autocast):
-            z.append(net(pixel_values_videos=preprocess(batch, dtype or torch.float32)).last_hidden_state[:n])
-    return torch.cat([tokens.float().mean(1) for tokens in z])
+    autocast = encoder.precision in ("bf16", "fp16")  # half: the weights are fp16 already
+    with torch.autocast(windows.device.type, encoder.normalize[0].dtype, enabled=autocast):
+        return torch.cat([net(pixel_values_videos=preprocess(batch, *encoder.normalize)).last_hidden_state.float()
+                          .mean(1) for batch in windows.split(encoder.batch_size)])
 
 
 def compile_encoder(encoder, backend="inductor"):
-    """--compile (opt-in): torch.compile of V-JEPA 2's encoder for one batch shape, dynamic=False (`encode` pads
-    the last batch to it), so nothing recompiles within a frame size. It compiles at the first batch."""
+    """--set compile=on: torch.compile of V-JEPA 2's encoder at a few static batch sizes (gpu.Compiled)."""
     if encoder.pixels:  # one eager window first builds the RoPE tables, or the compiled graph would recompile once
         encode(encoder, torch.zeros((1, WINDOW, encoder.frame_size, encoder.frame_size, 3), dtype=torch.uint8))
-        encoder.model.encoder = torch.compile(encoder.model.encoder, backend=backend, dynamic=False)
+        encoder.model.encoder = gpu.Compiled(encoder.model.encoder, backend)
     return encoder
 
 
 # ---- Rolling out episodes: collection, evaluation, MPC and RL all step through this one loop ---------------------
-def frames_for(encoder):
-    """The frame size envs render at for this encoder: None for `state`, which reads the simulator."""
-    return encoder.frame_size if encoder.pixels else None
+def envs_for(args, encoder, n, expert=None, repeat=1):
+    """Envs for n episodes, up to --batch-size in lockstep, rendering what `encoder` sees (`state` renders none)."""
+    return Envs(min(n, args.batch_size), encoder.frame_size if encoder.pixels else None, args.render == "lean", expert,
+                repeat)
 
 
 def upload(array, device):
@@ -616,7 +616,7 @@ def run_chunk(seeds, policy, encoder, envs, T, keep_z, keep_frames):
     states, frames = [obs["state"]], [obs.get("frame")]
     actions, rewards = np.zeros((len(seeds), T, 2), np.float32), np.zeros((len(seeds), T), np.float32)
     for t in range(T):
-        action = policy(z[-1], dict(obs, seed=seeds))
+        action = policy(z[-1], dict(obs, seed=seeds, step=t))
         obs, rewards[:, t] = envs.step(action)  # the policy's own values: stored below as float32
         actions[:, t] = action
         new = upload(obs[key], encoder.device)
@@ -646,9 +646,10 @@ def run_episodes(seeds, policy, encoder, envs, steps, keep_z=False, keep_frames=
         chunk = [int(s) for s in seeds[start:start + envs.n]]
         yield from run_chunk(chunk, policy, encoder, envs, steps // envs.action_repeat, keep_z, keep_frames)
         if log:  # the time left, from the rate so far: long encodes say early what they will cost
-            done, spent = start + len(chunk), time.time() - t0
-            print(f"{desc}: {done}/{len(seeds)} episodes | {spent:.0f} s | ~{spent * (len(seeds) / done - 1):.0f} s "
-                  "left", file=sys.stderr, flush=True)
+            finished, spent = start + len(chunk), time.time() - t0
+            left = spent * (len(seeds) / finished - 1)
+            print(f"{desc}: {finished}/{len(seeds)} episodes | {spent:.0f} s | ~{left:.0f} s left", file=sys.stderr,
+                  flush=True)
 
 
 def episode_seeds(kind, n, seed, same_as_seed_code=False):
@@ -711,7 +712,7 @@ def collect_shard(args, encoder, shard_dir, seeds, expert, epsilon):
     todo = [s for s in seeds if not os.path.exists(episode_path(shard_dir, s))]
     if len(todo) < len(seeds):
         print(f"resuming {shard_dir}: {len(seeds) - len(todo)} of {len(seeds)} episodes already saved")
-    envs = Envs(min(args.batch_size, max(1, len(todo))), frames_for(encoder), args.render == "lean", expert)
+    envs = envs_for(args, encoder, max(1, len(todo)), expert)
     policy = EpsilonGreedy(expert_policy, epsilon, args.seed) if epsilon > 0 else expert_policy
     for ep in run_episodes(todo, policy, encoder, envs, args.steps, keep_z=True,
                            desc=f"collect {os.path.basename(shard_dir)}"):
@@ -844,50 +845,37 @@ def evaluate_loss(model, batch_loss, n, split="val", chunk=4096):
     return sum(batch_loss(idx.numpy(), split).item() * len(idx) for idx in torch.arange(n).split(chunk)) / n
 
 
-def train_epoch(model, batch_loss, opt, order, grad_clip, sched=None):
-    """One pass over the training samples in `order`; returns the losses. sched steps once a batch if given."""
-    model.train()
-    losses = []
-    for idx in order:
-        loss = batch_loss(idx.numpy(), "train")
-        if not torch.isfinite(loss):
-            return losses + [loss.item()]
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if grad_clip > 0:
-            nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-        opt.step()
-        if sched is not None:
-            sched.step()
-        losses.append(loss.item())
-    return losses
-
-
-def fit(model, batch_loss, n_train, n_val, cfg, desc="train"):
-    """Adam(W) with cosine decay, for cfg: epochs, lr, batch_size, weight_decay, optimizer ('adamw' or 'adam'),
-    grad_clip (> 0 clips the gradient norm), schedule_step ('batch' or 'epoch'), keep ('best' or 'final' weights)
-    and seed. batch_loss(idx, split) -> mean loss over samples idx of 'train' or 'val'. A non-finite loss restores
-    the kept weights and stops with a UserError. Returns the history, the kept epoch and its validation loss."""
-    epochs, batch_size, keep = cfg["epochs"], cfg["batch_size"], cfg["keep"]
-    optimizer = torch.optim.AdamW if cfg["optimizer"] == "adamw" else torch.optim.Adam
-    opt = optimizer(model.parameters(), lr=cfg["lr"], weight_decay=cfg["weight_decay"])
-    per_batch = cfg["schedule_step"] == "batch"
-    params = sum(p.numel() for p in model.parameters())
+def fit(model, batch_loss, opt, n_train, n_val, epochs, batch_size, *, grad_clip=0.0, schedule_step="batch",
+        keep="final", seed=0, desc="train"):
+    """Train with `opt` under cosine decay (stepped per 'batch' or per 'epoch') on seeded batches of the n_train
+    samples; batch_loss(idx, split) -> mean loss over samples idx of 'train' or 'val'; grad_clip > 0 clips the
+    gradient norm. Keeps the 'final' epoch's weights or the 'best' on validation. A non-finite loss restores the
+    kept weights and stops with a UserError. Returns the history, the kept epoch and its validation loss."""
+    per_batch, params = schedule_step == "batch", sum(p.numel() for p in model.parameters())
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, epochs * (max(1, math.ceil(n_train / batch_size))
+                                                                      if per_batch else 1))
     small = next(model.parameters()).device.type == "cpu" and params * batch_size < 1e9
-    decay_steps = epochs * (max(1, math.ceil(n_train / batch_size)) if per_batch else 1)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, decay_steps)
-    g = torch.Generator().manual_seed(cfg["seed"])
+    g = torch.Generator().manual_seed(seed)
     kept = {"val": float("inf"), "state": copy.deepcopy(model.state_dict()), "epoch": -1}
     history = {"train": [], "val": []}
     for epoch in range(epochs):
-        t0 = time.time()
+        t0, losses = time.time(), []
         with cpu_threads(1 if small else None):
-            losses = train_epoch(model, batch_loss, opt, torch.randperm(n_train, generator=g).split(batch_size),
-                                 cfg["grad_clip"], sched if per_batch else None)
-            if not math.isfinite(losses[-1]):
-                model.load_state_dict(kept["state"])
-                raise UserError(f"{desc}: loss became {losses[-1]} at epoch {epoch}; stopped, kept the weights of "
-                                f"epoch {kept['epoch']}; try a lower learning rate")
+            model.train()
+            for idx in torch.randperm(n_train, generator=g).split(batch_size):
+                loss = batch_loss(idx.numpy(), "train")
+                losses.append(loss.item())
+                if not math.isfinite(losses[-1]):
+                    model.load_state_dict(kept["state"])
+                    raise UserError(f"{desc}: loss became {losses[-1]} at epoch {epoch}; stopped, kept the weights "
+                                    f"of epoch {kept['epoch']}; try a lower learning rate")
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                if grad_clip > 0:
+                    nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+                opt.step()
+                if per_batch:
+                    sched.step()
             history["val"].append(evaluate_loss(model, batch_loss, n_val))
         if not per_batch:
             sched.step()
@@ -912,8 +900,7 @@ def train_bc(data, args):
     """MSE regression of expert actions a_t from z-scored z_t with the bc_* knobs. bc_keep 'final': held-out MSE is
     dominated by the expert's near-target corrections and does not track closed-loop success (results/bc-seeds).
     Returns the model (on the CPU), its info and the input standardisation (mean, std)."""
-    np.random.seed(args.seed)
-    torch.manual_seed(args.seed)
+    torch.manual_seed(args.seed)  # the initial weights: every other draw has its own seeded generator
     z, actions = data["z"], data["actions"]
     E, T = actions.shape[:2]
     if args.bc_split == "episode":  # held-out episodes (ours), or random transitions (the seed's); seed: 80/20
@@ -931,10 +918,10 @@ def train_bc(data, args):
     def batch_loss(idx, split):
         x, y = cache[split]
         return F.mse_loss(model(x[idx]), y[idx])
-    cfg = dict(epochs=args.epochs, lr=args.bc_lr, batch_size=args.bc_batch_size, weight_decay=args.bc_weight_decay,
-               optimizer=args.bc_optimizer, grad_clip=0.0, schedule_step=args.schedule_step, keep=args.bc_keep,
-               seed=args.seed)
-    fitted = fit(model, batch_loss, len(rows["train"]), len(rows["val"]), cfg, desc="bc")
+    optimizer = torch.optim.AdamW if args.bc_optimizer == "adamw" else torch.optim.Adam
+    fitted = fit(model, batch_loss, optimizer(model.parameters(), lr=args.bc_lr, weight_decay=args.bc_weight_decay),
+                 len(rows["train"]), len(rows["val"]), args.epochs, args.bc_batch_size,
+                 schedule_step=args.schedule_step, keep=args.bc_keep, seed=args.seed, desc="bc")
     info = {"params": sum(p.numel() for p in model.parameters()),
             "train_mse": evaluate_loss(model, batch_loss, len(rows["train"]), "train"),
             "val_mse": fitted["kept_val"], "kept_epoch": fitted["kept_epoch"], "epochs": args.epochs,
@@ -993,17 +980,21 @@ class Dynamics(nn.Module):
         return loss
 
 
+def dynamics_split(n_episodes, args):
+    """Training and validation episodes of every dynamics model: a random 10% (ours) or the last 20% (the seed's)."""
+    contiguous = args.dyn_split == "contiguous"
+    return split_episodes(n_episodes, 0.2 if contiguous else 0.1, args.seed, contiguous)
+
+
 def train_dynamics(name, data, args, epochs):
     """SmoothL1 on z_{t+1..t+k}, unrolled k steps on the model's own predictions (k = 5 for mlp_rollout5).
     rollout_sampling 'every-start' trains on every (episode, start); 'one-start' on batches of 64 training episodes
     sharing one random start, as the seed's Phase 4c. Validation always uses every start."""
-    np.random.seed(args.seed)
-    torch.manual_seed(args.seed)
+    torch.manual_seed(args.seed)  # the initial weights: every other draw has its own seeded generator
     z, actions, device = data["z"], data["actions"], args.device
     E, T = actions.shape[:2]
     k = min(5 if name == "mlp_rollout5" else 1, T)
-    contiguous = args.dyn_split == "contiguous"
-    train_eps, val_eps = split_episodes(E, 0.2 if contiguous else 0.1, args.seed, contiguous)
+    train_eps, val_eps = dynamics_split(E, args)
     mean, std = standardizer(z, train_eps, args.dyn_norm == "train")
     mean_t, std_t = torch.from_numpy(mean), torch.from_numpy(std)
     starts = {s: np.array([(e, t) for e in eps for t in range(T - k + 1)]) for s, eps in
@@ -1011,7 +1002,7 @@ def train_dynamics(name, data, args, epochs):
     # the seed's k-step loss weighs step h by (h+1)/k and divides the sum by k: ~0.6x one step's, not k times
     weights = [1.0] * k if args.rollout_loss == "sum" else [(h + 1) / k / k for h in range(k)]
     model = Dynamics(name, z.shape[-1], args.resblock_relu == "on").to(device)
-    start_rng = np.random.default_rng([args.seed, 4])
+    start_rng = np.random.default_rng([args.seed, 4])  # (seed, 4): a stream apart from (seed, 0-2) of the episodes
     one_start = args.rollout_sampling == "one-start" and k > 1  # the seed's 1-step models saw every transition
 
     def batch_loss(idx, split):
@@ -1026,10 +1017,9 @@ def train_dynamics(name, data, args, epochs):
         with torch.autocast(torch.device(device).type, torch.bfloat16, enabled=args.train_dtype == "bf16"):
             return model.unrolled_loss(zs.to(device, non_blocking=True), a.to(device, non_blocking=True), weights)
     n_train, batch_size = (len(train_eps), 64) if one_start else (len(starts["train"]), 256)  # seed: 256
-    fitted = fit(model, batch_loss, n_train, len(starts["val"]), dict(
-        epochs=epochs, lr=args.dyn_lr, batch_size=batch_size, weight_decay=1e-4, optimizer="adamw",  # seed: AdamW 1e-4
-        grad_clip=args.dyn_grad_clip, schedule_step=args.schedule_step, keep="best", seed=args.seed),
-        desc=f"dynamics {name}")
+    opt = torch.optim.AdamW(model.parameters(), lr=args.dyn_lr, weight_decay=1e-4)  # seed: AdamW, decay 1e-4
+    fitted = fit(model, batch_loss, opt, n_train, len(starts["val"]), epochs, batch_size, grad_clip=args.dyn_grad_clip,
+                 schedule_step=args.schedule_step, keep="best", seed=args.seed, desc=f"dynamics {name}")
     return model.cpu(), {"params": sum(p.numel() for p in model.parameters()), "val_loss": fitted["kept_val"],
                          "kept_epoch": fitted["kept_epoch"], "history": fitted["history"], "rollout": k,
                          "rollout_weights": weights, "epochs": epochs, "val_episodes": val_eps.tolist()}, (mean, std)
@@ -1100,14 +1090,14 @@ def latent_cost(model, z, z_goal, cost="final", dtype=torch.float32):
     """cost_fn for `cem`: L2 distance of the imagined latents to z_goal (both (batch, D), standardised), at the
     last step ('final': ours, and the seed's random shooting) or weighted (t+1)/H over the horizon ('weighted': the
     seed's CEM). dtype bf16/fp16 runs the rollouts under autocast; a model with half weights runs in its dtype."""
-    weights = next(model.parameters(), torch.empty(0)).dtype  # fp32 for a model without parameters
+    net_dtype = next(model.parameters(), torch.empty(0)).dtype  # fp32 for a model without parameters
 
     def cost_fn(actions):
-        (B, S, H, A), actions = actions.shape, actions.to(weights)  # a half-weight net gets half inputs, cast once
-        zz = z[:, None].expand(B, S, -1).reshape(B * S, -1).to(weights)
+        (B, S, H, A), actions = actions.shape, actions.to(net_dtype)  # a half net gets half inputs, cast once
+        zz = z[:, None].expand(B, S, -1).reshape(B * S, -1).to(net_dtype)
         goal = z_goal[:, None].expand(B, S, -1).reshape(B * S, -1).float()
         total = torch.zeros(B * S, device=z.device)
-        autocast = dtype != torch.float32 and weights == torch.float32
+        autocast = dtype != torch.float32 and net_dtype == torch.float32
         with torch.no_grad(), torch.autocast(z.device.type, dtype=dtype, enabled=autocast):
             for h in range(H):
                 zz = model(zz, actions[:, :, h].reshape(B * S, A))
@@ -1118,94 +1108,60 @@ def latent_cost(model, z, z_goal, cost="final", dtype=torch.float32):
     return cost_fn
 
 
-@contextlib.contextmanager
-def tf32(device):
-    """TF32 matmuls while planning on CUDA: CEM ranks costs and does not need fp32's last bits."""
-    old = torch.backends.cuda.matmul.fp32_precision
-    torch.backends.cuda.matmul.fp32_precision = "tf32" if device.startswith("cuda") else old
-    try:
-        yield
-    finally:
-        torch.backends.cuda.matmul.fp32_precision = old
-
-
 class MPC:
-    """Model-predictive control in latent space: plan from z, execute the first action, replan. planner 'cem' warm-
-    starts from its previous mean shifted one step, std reset to cem_init_std; 'random' keeps the best of
-    --rs-samples uniform sequences. z_goal: {episode seed: (D,) raw z}; mean/std: the model's standardisation."""
+    """Model-predictive control in latent space, a policy(z, obs): each step plan from z toward the episode's goal
+    with `cem`, execute the first action (of the elite mean, or of the best sample with execute 'best'), replan.
+    Within an episode CEM starts from its last mean shifted one step (the new last step repeats the last, or is 0
+    with warm_tail 'zero'); every episode starts cold (obs step 0). z_goal: {episode seed: (D,) raw z};
+    standardisation: the model's (mean, std); settings: cem's horizon, samples, elites, iterations, init_std (and
+    uniform_first: random shooting). dtype 'bf16': rollouts under bf16 autocast, or on CUDA in an fp16 copy of the
+    net; graph: each CEM call replays one CUDA graph (gpu.Graphed; eager off CUDA). Planning runs with TF32."""
 
-    def __init__(self, model, z_goal, mean, std, args, planner, name=""):
-        self.args, self.planner, self.name, self.device = args, planner, name, args.device
-        self.model = model.to(self.device)
-        self.z_goal, self.warm, self.seconds = z_goal, {}, 0.0
-        self.mean, self.std = (torch.from_numpy(x).to(self.device) for x in (mean, std))
-        self.generator = torch.Generator(device=self.device).manual_seed(args.seed)
+    def __init__(self, model, z_goal, standardisation, settings, *, cost="final", execute="mean",
+                 warm_tail="repeat", dtype="fp32", graph=False, seed=0):
+        self.device = str(next(model.parameters()).device)
+        self.model, self.z_goal, self.settings, self.cost = model, z_goal, settings, cost
+        self.execute, self.warm_tail, self.graphs = execute, warm_tail, {} if graph else None
+        self.mean, self.std = (torch.from_numpy(x).to(self.device) for x in standardisation)
+        self.generator = torch.Generator(device=self.device).manual_seed(seed)
         half = torch.float16 if self.device.startswith("cuda") else torch.bfloat16
-        self.dtype = half if args.plan_dtype == "bf16" else torch.float32
+        self.dtype = half if dtype == "bf16" else torch.float32
         if self.dtype == torch.float16:  # CUDA: an fp16 copy of the net; autocast would re-cast its weights each call
-            self.model = copy.deepcopy(self.model).half()
-        self.cost = "final" if planner == "random" and args.rs_goal == "random-run" else args.cost
-        self.graphs = {} if args.plan_graph == "on" and planner == "cem" else None
+            self.model = copy.deepcopy(model).half()
+        self.warm, self.seconds = None, 0.0
 
     def standardize(self, z):
         return (torch.as_tensor(z, dtype=torch.float32).to(self.device) - self.mean) / self.std
 
     def __call__(self, z, obs):
-        with tf32(self.device):
-            return self.act(z, obs)
-
-    def act(self, z, obs):
-        t0, a, seeds = time.perf_counter(), self.args, obs["seed"]
+        t0, seeds = time.perf_counter(), obs["seed"]
         z, goal = self.standardize(z), self.standardize(np.stack([self.z_goal[s] for s in seeds]))
-        fn = latent_cost(self.model, z, goal, self.cost, self.dtype)
-        if self.planner == "random":  # seed Phase 4: 1000 uniform sequences, keep the best
-            best, _, _ = cem(fn, len(seeds), a.horizon, samples=a.rs_samples, elites=1, iterations=1,
-                             uniform_first=True, generator=self.generator, device=self.device)
-            action = best[:, 0]
-        else:
-            mean = None
-            if all(s in self.warm for s in seeds):  # shifted one step; the new last step repeats the last or is 0
-                mean = torch.stack([self.warm[s] for s in seeds])
-                tail = mean[:, -1:] if a.warm_tail == "repeat" else torch.zeros_like(mean[:, -1:])
-                mean = torch.cat([mean[:, 1:], tail], 1)
-            if self.graphs is not None:
-                zero = torch.zeros((len(seeds), a.horizon, 2), device=self.device)
-                best, m = self.static_cem(z, goal, zero if mean is None else mean)
-            else:
-                best, m, _ = cem(fn, len(seeds), a.horizon, samples=a.samples, elites=a.elites,
-                                 iterations=a.iterations, mean=mean, init_std=a.cem_init_std,
-                                 generator=self.generator, device=self.device)
-            self.warm.update(zip(seeds, m))
-            action = (m if a.execute == "mean" else best)[:, 0]
+        mean = None
+        if obs["step"] > 0:  # warm start: last step's mean, shifted by one
+            tail = self.warm[:, -1:] if self.warm_tail == "repeat" else torch.zeros_like(self.warm[:, -1:])
+            mean = torch.cat([self.warm[:, 1:], tail], 1)
+        with gpu.tf32(self.device):
+            best, self.warm = self.plan(z, goal, mean)
         self.seconds += time.perf_counter() - t0
-        return action.float().cpu().numpy()
+        return (self.warm if self.execute == "mean" else best)[:, 0].float().cpu().numpy()
 
-    def static_cem(self, z, goal, mean):
-        """plan_graph: CEM on static buffers, its noise drawn up front; on CUDA its iterations are captured once per
-        batch size in a CUDA graph and replayed (one launch for ~700), elsewhere the same code runs eagerly."""
-        a, B = self.args, len(z)
-        if B not in self.graphs:
-            io = dict(z=z.clone(), goal=goal.clone(), mean=mean.clone(),
-                      noise=torch.empty((a.iterations, B, a.samples, a.horizon, 2), device=self.device))
-            run = partial(cem, latent_cost(self.model, io["z"], io["goal"], self.cost, self.dtype), B, a.horizon,
-                          samples=a.samples, elites=a.elites, iterations=a.iterations, mean=io["mean"],
-                          init_std=a.cem_init_std, noise=io["noise"], device=self.device)
-            graph = torch.cuda.CUDAGraph() if self.device.startswith("cuda") else None
-            if graph is not None:  # warm up on a side stream, then capture, as torch.cuda.graph asks
-                side = torch.cuda.Stream()
-                side.wait_stream(torch.cuda.current_stream())
-                with torch.cuda.stream(side):
-                    run()
-                torch.cuda.current_stream().wait_stream(side)
-                with torch.cuda.graph(graph):
-                    io["out"] = run()
-            self.graphs[B] = graph, run, io
-        graph, run, io = self.graphs[B]
-        for k, v in (("z", z), ("goal", goal), ("mean", mean)):
-            io[k].copy_(v)
-        io["noise"].normal_(generator=self.generator)
-        out = run() if graph is None else graph.replay() or io["out"]
-        return out[0].clone(), out[1].clone()
+    def plan(self, z, goal, mean):
+        """cem's best sequence and elite mean (B, horizon, 2); with graph, its noise drawn up front for gpu.Graphed."""
+        if self.graphs is None:
+            fn = latent_cost(self.model, z, goal, self.cost, self.dtype)
+            return cem(fn, len(z), generator=self.generator, device=self.device, mean=mean, **self.settings)[:2]
+        s = self.settings
+        mean = torch.zeros((len(z), s["horizon"], 2), device=self.device) if mean is None else mean
+        noise = torch.randn((s["iterations"], len(z), s["samples"], s["horizon"], 2), generator=self.generator,
+                            device=self.device)
+        if len(z) not in self.graphs:  # captured once per batch size, warmed up on these real inputs
+            self.graphs[len(z)] = gpu.Graphed(self.cem_on, z, goal, mean, noise)
+        return self.graphs[len(z)](z, goal, mean, noise)
+
+    def cem_on(self, z, goal, mean, noise):
+        """One CEM call on given inputs and noise: what gpu.Graphed captures."""
+        fn = latent_cost(self.model, z, goal, self.cost, self.dtype)
+        return cem(fn, len(z), mean=mean, noise=noise, device=self.device, **self.settings)[:2]
 
 
 def gif_episode(seed, policy, encoder, envs, steps):
@@ -1232,16 +1188,22 @@ def probe_embeddings(z, states, min_speed=1e-3):
 # ---- Stages ------------------------------------------------------------------------------------------------------
 # Stages read and write only files in the run folder, so any can be re-run alone; False: skipped, nothing written.
 def exists_skip(args, path, stage):
-    """The one skip rule: outputs that exist are kept unless --force."""
+    """The skip rule of a stage with one output: kept if it exists, unless --force."""
     if os.path.exists(path) and not args.force:
         print(f"{stage}: {path} exists; --force to redo")
         return True
     return False
 
 
-def stage_envs(args, encoder, n, expert=None):
-    """Envs for n episodes: up to --batch-size in lockstep, rendering what `encoder` sees."""
-    return Envs(min(n, args.batch_size), frames_for(encoder), args.render == "lean", expert)
+def saved_and_todo(args, path, key, wanted, stage):
+    """The resume rule of rl, dynamics and plan, which save each part as it ends: the results saved at `path` (kept
+    under --force too, so parts not asked for stay) and the parts of `wanted` to run: those missing from
+    results[key], or all of them with --force."""
+    saved = load_json(path) if os.path.exists(path) else {key: {}}
+    todo = [w for w in wanted if args.force or w not in saved[key]]
+    if not todo:
+        print(f"{stage}: {path} has {', '.join(wanted)}; --force to redo")
+    return saved, todo
 
 
 def data_dir(args, expert, epsilon):
@@ -1319,13 +1281,13 @@ def stage_eval(args, encoder):
         return False
     bc = bc_policy(*load_checked(args, encoder, os.path.join(args.out, "bc.pt"), "bc", bc_net(encoder.dim)))
     seeds = episode_seeds("eval", args.eval_episodes, args.seed)
-    policies = dict.fromkeys(EXPERT_NAMES, expert_policy) | {"random": random_policy(np.random.default_rng(args.seed))}
-    metrics = {}
-    for name, policy in policies.items():  # they act on the physics: no rendering, no encoding
-        eps = run_episodes(seeds, policy, load_encoder("state"), Envs(min(len(seeds), 100), expert=name), args.steps,
-                           desc=name)
+    metrics, random = {}, random_policy(np.random.default_rng(args.seed))
+    for name in (*EXPERT_NAMES, "random"):  # they act on the physics: no rendering, no encoding
+        envs = Envs(min(len(seeds), 100), expert=name if name in EXPERTS else None)  # Envs runs the expert `name`
+        eps = run_episodes(seeds, random if name == "random" else expert_policy, load_encoder("state"), envs,
+                           args.steps, desc=name)
         metrics[name] = report.episode_metrics(list(eps), args.steps)
-    eps = run_episodes(seeds, bc, encoder, stage_envs(args, encoder, len(seeds)), args.steps, keep_z=True,
+    eps = run_episodes(seeds, bc, encoder, envs_for(args, encoder, len(seeds)), args.steps, keep_z=True,
                        desc="eval bc")
     results = {"experts": {k: metrics[k] for k in EXPERT_NAMES}, "steps": args.steps,
                "eval": {"bc": report.episode_metrics(list(eps), args.steps), "random": metrics["random"]}}
@@ -1349,12 +1311,12 @@ def run_sac(args, encoder, data, standardisation, result, name):
     agent = sac.SACAgent(encoder.dim, mean, std, repeat, seed=args.seed, device=args.device, demos=demos,
                          capacity=math.ceil(args.rl_steps / per_episode) * (per_episode // repeat),
                          learning_starts=min(5_000, args.rl_steps // 4))  # quick runs learn too
-    eval_envs = Envs(min(args.eval_episodes, args.batch_size), frames_for(encoder), args.render == "lean", None, repeat)
+    eval_envs = envs_for(args, encoder, args.eval_episodes, repeat=repeat)
 
     def evaluate(agent, n):
         eps = run_episodes(episode_seeds("eval", n, args.seed), agent.greedy, encoder, eval_envs, args.steps, True)
         return report.episode_metrics(list(eps), args.steps)
-    envs = Envs(args.rl_envs, frames_for(encoder), args.render == "lean", None, repeat)
+    envs = envs_for(args, encoder, args.rl_envs, repeat=repeat)
     play = partial(run_episodes, policy=agent, encoder=encoder, envs=envs, steps=args.steps, keep_z=True)
     seeds = episode_seeds("rl", math.ceil(args.rl_steps / per_episode), args.seed)
     curve = sac.train(agent, play, seeds, envs.n, partial(evaluate, n=min(args.rl_eval_episodes, args.eval_episodes)),
@@ -1372,11 +1334,10 @@ def stage_rl(args, encoder):
     """SAC on frozen embeddings standardised with the Phase 1 data's statistics, without and (--rl-demos) with
     those demos mixed in; each variant is kept once it finishes."""
     path = os.path.join(args.out, "rl.json")
-    result = load_json(path) if os.path.exists(path) and not args.force else {"runs": {}, "eval": {}}
-    todo = [name for name in ["rl"] + ["rl+demos"] * args.rl_demos if name not in result["runs"]]
+    result, todo = saved_and_todo(args, path, "runs", ["rl"] + ["rl+demos"] * args.rl_demos, "rl")
     if not todo:
-        print(f"rl: {path} has every variant; --force to redo")
         return False
+    result.setdefault("eval", {})
     folder = data_dir(args, args.expert, args.epsilon)
     data = load_dataset(folder, encoder)
     result.update(standardisation=f"the Phase 1 data ({os.path.relpath(folder, args.out)})", steps=args.steps)
@@ -1390,23 +1351,20 @@ def stage_rl(args, encoder):
 def stage_dynamics(args, encoder):
     """Train --dynamics; a re-run with a subset keeps the other models and clears plans made with retrained ones."""
     path, plan_path = os.path.join(args.out, "dynamics.json"), os.path.join(args.out, "plan.json")
-    done = load_json(path)["dynamics"] if os.path.exists(path) else {}
-    todo = [m for m in args.dynamics if args.force or m not in done]
+    saved, todo = saved_and_todo(args, path, "dynamics", args.dynamics, "dynamics")
     if not todo:
-        print(f"dynamics: {path} has {', '.join(args.dynamics)}; --force to retrain")
         return False
     data = load_dataset(data_dir(args, *EXPLORE), encoder, made_by="explore")
+    common = standardizer(data["z"], dynamics_split(len(data["z"]), args)[0])  # every model's k-step errors in it
     for name in todo:
         epochs = args.dyn_epochs or {"mlp": 100, "mlp_rollout5": args.rollout_epochs, "resblock": 150}[name]  # seed
         model, info, (mean, std) = train_dynamics(name, data, args, epochs)
-        train_eps = np.setdiff1d(np.arange(len(data["z"])), info["val_episodes"]) if len(data["z"]) > 1 else [0]
         info["kstep_error"], info["kstep_copy"] = kstep_error(model.to(args.device), data["z"], data["actions"],
-                                                              info["val_episodes"], (mean, std),
-                                                              standardizer(data["z"], train_eps))
+                                                              info["val_episodes"], (mean, std), common)
         save_model(os.path.join(args.out, f"dynamics_{name}.pt"), model.cpu(), data, mean, std, name=name,
                    resblock_relu=args.resblock_relu == "on")
-        done[name] = info
-        save_json(path, {"dynamics": done})
+        saved["dynamics"][name] = info
+        save_json(path, saved)
         plans = load_json(plan_path) if os.path.exists(plan_path) else {"plan": {}}
         stale = [c for c in plans["plan"] if c.endswith("/" + name)]
         for c in stale:  # plans made with the old model no longer match it
@@ -1414,7 +1372,7 @@ def stage_dynamics(args, encoder):
         if stale:
             save_json(plan_path, plans)
             print(f"dynamics: cleared plan results {', '.join(stale)} (made with the old {name}); re-run `plan`")
-    print(report.dynamics_table({"dynamics": done}))
+    print(report.dynamics_table(saved))
 
 
 def plan_goals(args, encoder, seeds, kind):
@@ -1425,10 +1383,10 @@ def plan_goals(args, encoder, seeds, kind):
     goal_form: the 8-frame window there (ours) or that one frame repeated x8 (the seed's)."""
     encoder = variant(encoder, form=args.goal_form)
     if kind == "expert":
-        policy, steps, envs = expert_policy, args.goal_horizon, stage_envs(args, encoder, len(seeds), args.goal_expert)
+        policy, steps, envs = expert_policy, args.goal_horizon, envs_for(args, encoder, len(seeds), args.goal_expert)
     else:
         seeds, policy, steps = episode_seeds("goal", len(seeds), 0), random_policy(np.random.default_rng(0)), 500
-        envs = stage_envs(args, encoder, len(seeds))
+        envs = envs_for(args, encoder, len(seeds))
     eps = list(run_episodes(seeds, policy, encoder, envs, steps, keep_z=True, desc=f"{kind} goals"))
     if kind == "expert":
         at = [1 + int(ep["distances"][1:].argmin()) for ep in eps]
@@ -1438,24 +1396,37 @@ def plan_goals(args, encoder, seeds, kind):
     return np.stack([ep["z"][t] for ep, t in zip(eps, at)]).astype(np.float32), info
 
 
-def plan_gif(args, mpc, encoder, seed, steps):
+def plan_gif(args, mpc, encoder, seed, steps, title):
     """One more episode of the first CEM model, rendered, beside the goal expert's closest-approach frame."""
     lean = args.render == "lean"
     ep = gif_episode(seed, mpc, encoder, Envs(1, args.plan_frame_size, lean), steps)
     envs = Envs(1, args.plan_frame_size, lean, args.goal_expert)
     goal = gif_episode(seed, expert_policy, load_encoder("state"), envs, args.goal_horizon)
-    report.save_rollout_gif(os.path.join(args.out, "rollout_cem.gif"), ep, f"CEM {mpc.name}",
+    report.save_rollout_gif(os.path.join(args.out, "rollout_cem.gif"), ep, title,
                             goal["frames"][1 + int(goal["distances"][1:].argmin())])
+
+
+def make_mpc(args, planner, model, z_goal, standardisation):
+    """The MPC of `planner`, 'cem' or 'random' (random shooting: CEM with one uniform iteration keeping its best)."""
+    if planner == "random":  # seed Phase 4: 1000 uniform sequences, keep the best
+        settings = dict(horizon=args.horizon, samples=args.rs_samples, elites=1, iterations=1, uniform_first=True)
+    else:  # seed: horizon 10, 500 samples, 50 elites, 5 iterations
+        settings = dict(horizon=args.horizon, samples=args.samples, elites=args.elites, iterations=args.iterations,
+                        init_std=args.cem_init_std)
+    # the seed's random shooting scored the last step alone, with its random-run goal: --recipe seed keeps both
+    cost = "final" if planner == "random" and args.rs_goal == "random-run" else args.cost
+    return MPC(model.to(args.device), z_goal, standardisation, settings, cost=cost, execute=args.execute,
+               warm_tail=args.warm_tail, dtype=args.plan_dtype, graph=planner == "cem" and args.plan_graph == "on",
+               seed=args.seed)
 
 
 def stage_plan(args, encoder):
     """Random shooting and CEM with each dynamics model on the plan episodes; each planner/model pair is saved as
     soon as it finishes, and a re-run does only the missing pairs."""
     path, gif = os.path.join(args.out, "plan.json"), args.force or not os.path.exists(f"{args.out}/rollout_cem.gif")
-    done = load_json(path) if os.path.exists(path) and not args.force else {"plan": {}, "plan_traces": {}}
-    todo = [c for c in args.plans if c not in done["plan"] and c.split("/")[1] in args.dynamics]
+    wanted = [c for c in args.plans if c.split("/")[1] in args.dynamics]
+    saved, todo = saved_and_todo(args, path, "plan", wanted, "plan")
     if not todo:
-        print(f"plan: {path} has {', '.join(args.plans)}; --force to redo")
         return False
     models = {name: load_checked(args, encoder, os.path.join(args.out, f"dynamics_{name}.pt"), "dynamics")
               for name in sorted({c.split("/")[1] for c in todo})}  # refused, if at all, before any rollout
@@ -1465,20 +1436,21 @@ def stage_plan(args, encoder):
     goals = dict.fromkeys(("cem", "random"), plan_goals(args, plan_encoder, seeds, "expert"))
     if args.rs_goal == "random-run" and any(c.startswith("random/") for c in todo):
         goals["random"] = plan_goals(args, plan_encoder, seeds, "random-run")
+    saved.setdefault("plan_traces", {})
     for combo in todo:
         planner, name = combo.split("/")
         (z_goal, info), steps = goals[planner], args.rs_plan_steps if planner == "random" else args.plan_steps
         model, mean, std = models[name]
-        mpc = MPC(model, dict(zip(seeds, z_goal)), mean, std, args, planner, name)
-        eps = list(run_episodes(seeds, mpc, plan_encoder, stage_envs(args, plan_encoder, len(seeds)), steps,
+        mpc = make_mpc(args, planner, model, dict(zip(seeds, z_goal)), (mean, std))
+        eps = list(run_episodes(seeds, mpc, plan_encoder, envs_for(args, plan_encoder, len(seeds)), steps,
                                 keep_z=True, desc=f"plan {combo}"))
-        done["plan"][combo], done["plan_traces"][combo] = report.plan_metrics(eps, steps, mpc.seconds, info)
-        save_json(path, dict(done, steps=args.plan_steps))
-        print(f"plan {combo}: success {report.fmt_rate(done['plan'][combo])}")
+        saved["plan"][combo], saved["plan_traces"][combo] = report.plan_metrics(eps, steps, mpc.seconds, info)
+        save_json(path, dict(saved, steps=args.plan_steps))
+        print(f"plan {combo}: success {report.fmt_rate(saved['plan'][combo])}")
         if planner == "cem" and gif:  # the first CEM model's
-            plan_gif(args, mpc, plan_encoder, seeds[0], steps)
+            plan_gif(args, mpc, plan_encoder, seeds[0], steps, f"CEM {name}")
             gif = False
-    print(report.plan_table(dict(done, encoder=encoder.info()), args.plan_steps))
+    print(report.plan_table(dict(saved, encoder=encoder.info()), args.plan_steps))
 
 
 def stage_probe(args, encoder):
@@ -1496,7 +1468,7 @@ def stage_probe(args, encoder):
     z = {}
     for name, enc in encoders.items():
         eps = list(run_episodes(seeds, EpsilonGreedy(expert_policy, EXPLORE[1], args.seed), enc,
-                                stage_envs(args, enc, len(seeds), EXPLORE[0]), args.steps, keep_z=True, desc=name))
+                                envs_for(args, enc, len(seeds), EXPLORE[0]), args.steps, keep_z=True, desc=name))
         z[name] = np.stack([ep["z"] for ep in eps])
     states = np.stack([ep["states"] for ep in eps])
     if encoder.pixels:  # the oracle column
@@ -1533,8 +1505,6 @@ def run(args):
     """The stage (or all of them) on one run folder, which belongs to one encoder: another is refused first."""
     if args.stage in ("report", "merge"):  # need no encoder: everything comes from the run folder
         return STAGES[args.stage](args, None)
-    np.random.seed(args.seed)
-    torch.manual_seed(args.seed)
     encoder = load_encoder(args.encoder, args.device, args.precision, args.seed, frame_size=args.frame_size,
                            forward=args.encoder_forward, batch_size=args.batch_size, positions=args.rope_grid)
     encoder = compile_encoder(encoder) if args.compile == "on" else encoder
