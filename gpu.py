@@ -23,30 +23,39 @@ def tf32(device):
 
 
 class Graphed:
-    """fn(*tensors) -> a tuple of tensors, run on static copies of its first inputs. On CUDA, fn is warmed up on a side
-    stream with those real inputs and then captured once as a CUDA graph (as torch.cuda.graph asks), and each call
-    replays it: one launch for its hundreds of kernels. Elsewhere fn runs eagerly on the same buffers.
-    Each call copies its inputs into the buffers and returns clones of the outputs."""
+    """fn(*tensors) -> a tuple of tensors, run on static buffers, one set per shape of the inputs. On CUDA, fn is
+    warmed up on a side stream with the first real inputs of a shape, then captured as a CUDA graph (as
+    torch.cuda.graph asks), and later calls replay it: one launch for its hundreds of kernels. Elsewhere fn runs
+    eagerly on the same buffers. Each call copies its inputs in and returns clones of the outputs."""
 
-    def __init__(self, fn, *inputs):
-        self.fn, self.inputs = fn, [x.clone() for x in inputs]
-        self.graph = torch.cuda.CUDAGraph() if self.inputs[0].is_cuda else None
-        if self.graph is not None:
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
-                fn(*self.inputs)
-            torch.cuda.current_stream().wait_stream(side)
-            with torch.cuda.graph(self.graph):
-                self.outputs = fn(*self.inputs)
+    def __init__(self, fn):
+        self.fn, self.captured = fn, {}
 
     def __call__(self, *inputs):
-        for buffer, x in zip(self.inputs, inputs):
+        key = tuple(x.shape for x in inputs)
+        if key not in self.captured:
+            self.captured[key] = self.capture(inputs)
+        buffers, graph, outputs = self.captured[key]
+        for buffer, x in zip(buffers, inputs):
             buffer.copy_(x)
-        if self.graph is None:
-            return tuple(y.clone() for y in self.fn(*self.inputs))
-        self.graph.replay()
-        return tuple(y.clone() for y in self.outputs)
+        if graph is None:
+            outputs = self.fn(*buffers)
+        else:
+            graph.replay()
+        return tuple(y.clone() for y in outputs)
+
+    def capture(self, inputs):
+        buffers = [x.clone() for x in inputs]
+        if not buffers[0].is_cuda:
+            return buffers, None, None
+        graph, side = torch.cuda.CUDAGraph(), torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            self.fn(*buffers)
+        torch.cuda.current_stream().wait_stream(side)
+        with torch.cuda.graph(graph):
+            outputs = self.fn(*buffers)
+        return buffers, graph, outputs
 
 
 class Compiled(torch.nn.Module):

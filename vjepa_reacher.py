@@ -44,7 +44,7 @@ import re
 import shlex
 import sys
 import time
-from functools import partial
+from functools import cached_property, partial
 
 os.environ.setdefault("MUJOCO_GL", "egl")  # headless rendering; must be set before dm_control is imported
 # Idle torch threads sleep instead of spinning: beside another busy process on 2 cores, spinning made tiny's
@@ -466,11 +466,18 @@ class Encoder:
     batch_size: int = 32
     positions: str = "input"  # RoPE token grid: the input's, or the checkpoint's (rope.py)
     rope: object = None  # the installed rope.Tables; None: transformers' own rotary code runs
-    normalize: tuple = None  # ImageNet's (scale, shift) for uint8 pixels, on the device in the input dtype
 
     @property
     def pixels(self):
         return self.model is not None
+
+    @cached_property
+    def normalize(self):
+        """ImageNet's mean and std, as V-JEPA 2 was pretrained: (x / 255 - mean) / std = x * scale - shift on uint8
+        pixels, built once per encoder on its device, in the dtype its input runs in (fp32 unless low precision)."""
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "half": torch.float16}.get(self.precision, torch.float32)
+        mean, std = torch.tensor((0.485, 0.456, 0.406)), torch.tensor((0.229, 0.224, 0.225))
+        return (1 / (255 * std)).to(self.device, dtype), (mean / std).to(self.device, dtype)
 
     def info(self):
         rope = f"cached, {self.rope.grid} grid" if self.rope else "transformers' own (checkpoint grid)"
@@ -491,11 +498,7 @@ def variant(encoder, precision=None, **changes):
     if model is not None and (precision == "half") != (encoder.precision == "half"):
         model = copy.deepcopy(model, copied).to(torch.float16 if precision == "half" else torch.float32)
     rope = copied.get(id(encoder.rope), encoder.rope)  # the copy's hooks use a copy of the tables
-    # ImageNet's mean and std, as V-JEPA 2 was pretrained: (x / 255 - mean) / std = x * scale - shift, built once
-    mean, std = torch.tensor((0.485, 0.456, 0.406)), torch.tensor((0.229, 0.224, 0.225))
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "half": torch.float16}.get(precision, torch.float32)
-    normalize = tuple(x.to(encoder.device, dtype) for x in (1 / (255 * std), mean / std))
-    return dataclasses.replace(encoder, model=model, precision=precision, rope=rope, normalize=normalize, **changes)
+    return dataclasses.replace(encoder, model=model, precision=precision, rope=rope, **changes)
 
 
 def tiny_config():
@@ -1115,13 +1118,13 @@ class MPC:
     with warm_tail 'zero'); every episode starts cold (obs step 0). z_goal: {episode seed: (D,) raw z};
     standardisation: the model's (mean, std); settings: cem's horizon, samples, elites, iterations, init_std (and
     uniform_first: random shooting). dtype 'bf16': rollouts under bf16 autocast, or on CUDA in an fp16 copy of the
-    net; graph: each CEM call replays one CUDA graph (gpu.Graphed; eager off CUDA). Planning runs with TF32."""
+    net; graph: CEM's noise drawn up front and each call a CUDA graph (gpu.Graphed). Planning runs with TF32."""
 
     def __init__(self, model, z_goal, standardisation, settings, *, cost="final", execute="mean",
                  warm_tail="repeat", dtype="fp32", graph=False, seed=0):
         self.device = str(next(model.parameters()).device)
         self.model, self.z_goal, self.settings, self.cost = model, z_goal, settings, cost
-        self.execute, self.warm_tail, self.graphs = execute, warm_tail, {} if graph else None
+        self.execute, self.warm_tail, self.graph = execute, warm_tail, gpu.Graphed(self.plan) if graph else None
         self.mean, self.std = (torch.from_numpy(x).to(self.device) for x in standardisation)
         self.generator = torch.Generator(device=self.device).manual_seed(seed)
         half = torch.float16 if self.device.startswith("cuda") else torch.bfloat16
@@ -1134,34 +1137,27 @@ class MPC:
         return (torch.as_tensor(z, dtype=torch.float32).to(self.device) - self.mean) / self.std
 
     def __call__(self, z, obs):
-        t0, seeds = time.perf_counter(), obs["seed"]
+        t0, seeds, s = time.perf_counter(), obs["seed"], self.settings
         z, goal = self.standardize(z), self.standardize(np.stack([self.z_goal[s] for s in seeds]))
-        mean = None
-        if obs["step"] > 0:  # warm start: last step's mean, shifted by one
+        mean = torch.zeros((len(z), s["horizon"], 2), device=self.device)  # cold, as cem's own start
+        if obs["step"] > 0:  # warm: the last step's mean, shifted by one
             tail = self.warm[:, -1:] if self.warm_tail == "repeat" else torch.zeros_like(self.warm[:, -1:])
             mean = torch.cat([self.warm[:, 1:], tail], 1)
         with gpu.tf32(self.device):
-            best, self.warm = self.plan(z, goal, mean)
+            if self.graph is None:
+                best, self.warm = self.plan(z, goal, mean)
+            else:  # the graph cannot draw from the generator: its noise comes in as an input
+                noise = torch.randn((s["iterations"], len(z), s["samples"], s["horizon"], 2),
+                                    generator=self.generator, device=self.device)
+                best, self.warm = self.graph(z, goal, mean, noise)
         self.seconds += time.perf_counter() - t0
         return (self.warm if self.execute == "mean" else best)[:, 0].float().cpu().numpy()
 
-    def plan(self, z, goal, mean):
-        """cem's best sequence and elite mean (B, horizon, 2); with graph, its noise drawn up front for gpu.Graphed."""
-        if self.graphs is None:
-            fn = latent_cost(self.model, z, goal, self.cost, self.dtype)
-            return cem(fn, len(z), generator=self.generator, device=self.device, mean=mean, **self.settings)[:2]
-        s = self.settings
-        mean = torch.zeros((len(z), s["horizon"], 2), device=self.device) if mean is None else mean
-        noise = torch.randn((s["iterations"], len(z), s["samples"], s["horizon"], 2), generator=self.generator,
-                            device=self.device)
-        if len(z) not in self.graphs:  # captured once per batch size, warmed up on these real inputs
-            self.graphs[len(z)] = gpu.Graphed(self.cem_on, z, goal, mean, noise)
-        return self.graphs[len(z)](z, goal, mean, noise)
-
-    def cem_on(self, z, goal, mean, noise):
-        """One CEM call on given inputs and noise: what gpu.Graphed captures."""
+    def plan(self, z, goal, mean, noise=None):
+        """One `cem` call: the best sequence and the elite mean, (B, horizon, 2) each."""
         fn = latent_cost(self.model, z, goal, self.cost, self.dtype)
-        return cem(fn, len(z), mean=mean, noise=noise, device=self.device, **self.settings)[:2]
+        return cem(fn, len(z), mean=mean, noise=noise, generator=self.generator, device=self.device,
+                   **self.settings)[:2]
 
 
 def gif_episode(seed, policy, encoder, envs, steps):
