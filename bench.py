@@ -42,6 +42,7 @@ if __name__ == "__main__":
     parse_args()  # --help and bad options answer here, before torch loads
 
 import vjepa_reacher as vr  # noqa: E402  (first: it sets MUJOCO_GL and OMP_WAIT_POLICY before torch loads)
+import gpu  # noqa: E402
 import numpy as np  # noqa: E402
 import rope  # noqa: E402
 import torch  # noqa: E402
@@ -284,7 +285,9 @@ def measure_cem(device, peak, quick):
 
 def measure_compile(encoder, windows, device):
     """--compile: the first compiled batch (the compile) and then compiled against eager windows/s, interleaved."""
-    compiled = vr.compile_encoder(dataclasses.replace(encoder, model=copy.deepcopy(encoder.model)))  # a copy
+    compiled = dataclasses.replace(encoder, model=copy.deepcopy(encoder.model))  # a copy, compiled as --compile does
+    compiled.model.encoder = gpu.Compiled(compiled.model.encoder)
+    vr.encode(compiled, windows[:1])  # its first call runs eagerly, building the rotary tables
     eager = encoder
     t0 = time.perf_counter()
     vr.encode(compiled, windows)

@@ -61,13 +61,18 @@ class Graphed:
 class Compiled(torch.nn.Module):
     """V-JEPA 2's encoder under torch.compile with static shapes (dynamic=False): a batch of n windows goes up padded
     to the next power of two from 8 (8, 16, 32, ...), so each of those few sizes compiles once and none again, and
-    RL's 8 environments are not padded to --batch-size. The padded rows are dropped from the output."""
+    RL's 8 environments are not padded to --batch-size. The padded rows are dropped from the output. The first call
+    runs eagerly: it builds rope.py's tables, which the compiled graph would otherwise recompile for once."""
 
     def __init__(self, encoder, backend="inductor"):
         super().__init__()
-        self.encoder = torch.compile(encoder, backend=backend, dynamic=False)
+        self.eager, self.encoder = encoder, torch.compile(encoder, backend=backend, dynamic=False)
+        self.warm = False
 
     def forward(self, pixel_values_videos, **kwargs):
+        if not self.warm:
+            self.warm = True
+            return self.eager(pixel_values_videos=pixel_values_videos, **kwargs)
         x, n = pixel_values_videos, len(pixel_values_videos)
         size = max(8, 1 << (n - 1).bit_length())
         out = self.encoder(pixel_values_videos=torch.cat([x, x[-1:].expand(size - n, *x.shape[1:])]), **kwargs)

@@ -949,10 +949,12 @@ def test_compiled_encoder_pads_the_last_batch_and_never_recompiles(monkeypatch):
     monkeypatch.setattr(torch._dynamo.config, "error_on_recompile", True)
     windows = np.random.default_rng(4).integers(0, 256, (6, vr.WINDOW, 256, 256, 3), dtype=np.uint8)
     plain = vr.encode(vr.load_encoder("tiny", precision="fp32", batch_size=4), windows)
-    compiled = vr.compile_encoder(vr.load_encoder("tiny", precision="fp32", batch_size=4), backend="eager")
-    z = vr.encode(compiled, windows)  # batches of 4 and 2, both padded to 8: one shape only
+    compiled = vr.load_encoder("tiny", precision="fp32", batch_size=4)
+    compiled.model.encoder = vr.gpu.Compiled(compiled.model.encoder, backend="eager")  # as --set compile=on does
+    z = vr.encode(compiled, windows)  # 4 eagerly (the first call), then 2 compiled, padded to 8
     assert z.shape == (6, 64) and isinstance(compiled.model.encoder, vr.gpu.Compiled)
     torch.testing.assert_close(z, plain, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(vr.encode(compiled, windows), plain, rtol=1e-5, atol=1e-6)  # 4 and 2: both 8 again
     torch._dynamo.reset()
 
 

@@ -587,14 +587,6 @@ def encode(encoder, windows):
                           .mean(1) for batch in windows.split(encoder.batch_size)])
 
 
-def compile_encoder(encoder, backend="inductor"):
-    """--set compile=on: torch.compile of V-JEPA 2's encoder at a few static batch sizes (gpu.Compiled)."""
-    if encoder.pixels:  # one eager window first builds the RoPE tables, or the compiled graph would recompile once
-        encode(encoder, torch.zeros((1, WINDOW, encoder.frame_size, encoder.frame_size, 3), dtype=torch.uint8))
-        encoder.model.encoder = gpu.Compiled(encoder.model.encoder, backend)
-    return encoder
-
-
 # ---- Rolling out episodes: collection, evaluation, MPC and RL all step through this one loop ---------------------
 def envs_for(args, encoder, n, expert=None, repeat=1):
     """Envs for n episodes, up to --batch-size in lockstep, rendering what `encoder` sees (`state` renders none)."""
@@ -1503,7 +1495,8 @@ def run(args):
         return STAGES[args.stage](args, None)
     encoder = load_encoder(args.encoder, args.device, args.precision, args.seed, frame_size=args.frame_size,
                            forward=args.encoder_forward, batch_size=args.batch_size, positions=args.rope_grid)
-    encoder = compile_encoder(encoder) if args.compile == "on" else encoder
+    if args.compile == "on" and encoder.pixels:  # GPU speed, opt-in: torch.compile at a few batch sizes
+        encoder.model.encoder = gpu.Compiled(encoder.model.encoder)
     if os.path.exists(os.path.join(args.out, "config.json")):
         check_meta({"encoder": load_json(os.path.join(args.out, "config.json")).get("encoder_info", {})}, encoder,
                    args.out)
