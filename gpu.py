@@ -1,11 +1,18 @@
-"""gpu.py: the speed machinery that only pays on a GPU, kept out of vjepa_reacher.py's way: TF32 while planning,
-one function captured as a CUDA graph on static buffers (CEM, `--set plan_graph=on`) and torch.compile of V-JEPA 2's
-encoder at a few fixed batch sizes (`--set compile=on`). Off CUDA each piece runs the same code eagerly, so the CPU
-tests check it; bench.py times it on a GPU. Imports nothing from the script.
+"""gpu.py: the speed machinery that only pays on a GPU, kept out of vjepa_reacher.py's way: pinned uploads, TF32
+while planning, one function captured as a CUDA graph on static buffers (CEM, `--set plan_graph=on`) and
+torch.compile of V-JEPA 2's encoder at a few fixed batch sizes (`--set compile=on`). Off CUDA each piece runs the same
+code eagerly, so the CPU tests check it; bench.py times it on a GPU. Imports nothing from the script.
 """
 import contextlib
 
 import torch
+
+
+def upload(array, device):
+    """numpy -> device; on CUDA through pinned memory, so the copy is asynchronous (pageable memory would make
+    non_blocking a no-op)."""
+    x = torch.from_numpy(array)
+    return x.pin_memory().to(device, non_blocking=True) if device.startswith("cuda") else x.to(device)
 
 
 @contextlib.contextmanager

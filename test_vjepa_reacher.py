@@ -306,7 +306,7 @@ def test_seed_recipe_reuses_the_demo_seeds_for_exploration():
 
 def test_epsilon_greedy_draws_per_episode_not_per_batch():
     expert = lambda z, obs: np.zeros((len(obs["seed"]), 2))  # noqa: E731
-    alone, together = vr.EpsilonGreedy(expert, 0.5, 3), vr.EpsilonGreedy(expert, 0.5, 3)
+    alone, together = vr.epsilon_greedy(expert, 0.5, 3), vr.epsilon_greedy(expert, 0.5, 3)
     a = [alone(None, {"seed": [7]})[0] for _ in range(20)]
     b = [together(None, {"seed": [5, 7]})[1] for _ in range(20)]
     np.testing.assert_array_equal(a, b)  # episode 7's actions do not depend on its batch-mate
@@ -708,7 +708,7 @@ def test_unrolled_loss_weighs_each_step():
 
 
 def test_splits_by_transition_and_by_episode():
-    train, val = vr.split_transitions(1000, 0.2, seed=0)
+    train, val = vr.split_episodes(1000, 0.2, seed=0)  # the seed's BC split: 1000 transitions
     assert len(val) == 200 and len(train) == 800 and not set(train) & set(val)
     assert len(set(val // 100)) > 5  # transitions of many episodes: neighbours fall on both sides
     train, val = vr.split_episodes(10, 0.2, seed=0)

@@ -420,7 +420,7 @@ class Envs:
         return self.observe(len(actions)), rewards
 
 
-# ---- Policies: policy(z, obs) -> actions (B, 2); z (B, D) tensor or None, obs: state, seed (and expert) -----------
+# ---- Policies: policy(z, obs) -> actions (B, 2); z (B, D) tensor or None; obs: state, seed, step (and expert) -----
 def expert_policy(z, obs):
     """Executes obs["expert"]: the action of the expert named in Envs(expert=name), computed on its physics."""
     return obs["expert"]
@@ -433,21 +433,20 @@ def random_policy(rng):
     return act
 
 
-class EpsilonGreedy:
+def epsilon_greedy(policy, epsilon, seed):
     """`policy` with each action replaced by a uniform random one with probability epsilon, drawn from a
     generator seeded by (seed, episode seed): an episode's data never depend on its batch-mates."""
+    rngs = {}
 
-    def __init__(self, policy, epsilon, seed):
-        self.policy, self.epsilon, self.seed, self.rngs = policy, epsilon, seed, {}
-
-    def __call__(self, z, obs):
-        actions = np.asarray(self.policy(z, obs), dtype=np.float64).copy()
+    def act(z, obs):
+        actions = np.asarray(policy(z, obs), dtype=np.float64).copy()
         for j, s in enumerate(obs["seed"]):
-            if s not in self.rngs:
-                self.rngs[s] = np.random.default_rng([self.seed, s])
-            if self.rngs[s].random() < self.epsilon:
-                actions[j] = self.rngs[s].uniform(-1, 1, size=2)
+            if s not in rngs:
+                rngs[s] = np.random.default_rng([seed, s])
+            if rngs[s].random() < epsilon:
+                actions[j] = rngs[s].uniform(-1, 1, size=2)
         return actions
+    return act
 
 
 # ---- Frame window and encoder ------------------------------------------------------------------------------------
@@ -475,7 +474,8 @@ class Encoder:
     def normalize(self):
         """ImageNet's mean and std, as V-JEPA 2 was pretrained: (x / 255 - mean) / std = x * scale - shift on uint8
         pixels, built once per encoder on its device, in the dtype its input runs in (fp32 unless low precision)."""
-        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "half": torch.float16}.get(self.precision, torch.float32)
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "half": torch.float16}.get(self.precision,
+                                                                                           torch.float32)
         mean, std = torch.tensor((0.485, 0.456, 0.406)), torch.tensor((0.229, 0.224, 0.225))
         return (1 / (255 * std)).to(self.device, dtype), (mean / std).to(self.device, dtype)
 
@@ -594,18 +594,11 @@ def envs_for(args, encoder, n, expert=None, repeat=1):
                 repeat)
 
 
-def upload(array, device):
-    """numpy -> device; on CUDA through pinned memory, so the copy is asynchronous (pageable memory would make
-    non_blocking a no-op). Embeddings stay on the device until the episode ends: no sync a step."""
-    x = torch.from_numpy(array)
-    return x.pin_memory().to(device, non_blocking=True) if device.startswith("cuda") else x.to(device)
-
-
 def run_chunk(seeds, policy, encoder, envs, T, keep_z, keep_frames):
     """One lockstep batch of episodes (len(seeds) <= envs.n), T decisions each -> one dict per episode. The
     window (B, 8, ...) lives on the encoder's device and rolls by one frame a step, front-padded at reset."""
     obs, key = envs.reset(seeds), "frame" if encoder.pixels else "state"  # what fills the window
-    new = upload(obs[key], encoder.device)  # one upload a step, uint8 for frames
+    new = gpu.upload(obs[key], encoder.device)  # one upload a step, uint8 for frames; z stays on the device
     window = new[:, None].repeat(1, WINDOW, *[1] * (new.dim() - 1))
     z = [encode(encoder, window) if keep_z else None]
     states, frames = [obs["state"]], [obs.get("frame")]
@@ -614,7 +607,7 @@ def run_chunk(seeds, policy, encoder, envs, T, keep_z, keep_frames):
         action = policy(z[-1], dict(obs, seed=seeds, step=t))
         obs, rewards[:, t] = envs.step(action)  # the policy's own values: stored below as float32
         actions[:, t] = action
-        new = upload(obs[key], encoder.device)
+        new = gpu.upload(obs[key], encoder.device)
         window = torch.cat([window[:, 1:], new[:, None]], 1)
         z.append(encode(encoder, window) if keep_z else None)
         states.append(obs["state"])
@@ -631,7 +624,8 @@ def run_episodes(seeds, policy, encoder, envs, steps, keep_z=False, keep_frames=
     """Roll out `policy` on episodes `seeds`, envs.n at a time in lockstep; the windows of all of them encode
     as one batch. Yields one dict per episode as its batch ends.
 
-    policy(z, obs) -> actions (B, 2); z is (B, D) when keep_z, else None; obs has state, seed (and expert).
+    policy(z, obs) -> actions (B, 2); z is (B, D) when keep_z, else None; obs has state, seed, step (0 at an
+    episode's start) and, with an expert, its actions.
     Each action is held for envs.action_repeat control steps; `steps` counts control steps.
     An episode: actions (T, 2), rewards (T,), states (T+1, S), distances (T+1,) finger to target, final_distance,
     z (T+1, D) if keep_z, frames (T+1, H, W, 3) if keep_frames (and envs render), else None; T = steps // repeat.
@@ -708,7 +702,7 @@ def collect_shard(args, encoder, shard_dir, seeds, expert, epsilon):
     if len(todo) < len(seeds):
         print(f"resuming {shard_dir}: {len(seeds) - len(todo)} of {len(seeds)} episodes already saved")
     envs = envs_for(args, encoder, max(1, len(todo)), expert)
-    policy = EpsilonGreedy(expert_policy, epsilon, args.seed) if epsilon > 0 else expert_policy
+    policy = epsilon_greedy(expert_policy, epsilon, args.seed) if epsilon > 0 else expert_policy
     for ep in run_episodes(todo, policy, encoder, envs, args.steps, keep_z=True,
                            desc=f"collect {os.path.basename(shard_dir)}"):
         with atomic_path(episode_path(shard_dir, ep["seed"])) as tmp, open(tmp, "wb") as f:
@@ -792,19 +786,12 @@ def load_dataset(data_dir, encoder=None, made_by="collect"):
 
 # ---- Training loop shared by BC and dynamics ---------------------------------------------------------------------
 def split_episodes(n_episodes, val_frac=0.1, seed=0, contiguous=False):
-    """Validation episodes: a seeded random val_frac of them, or the last val_frac (the seed's dynamics).
-    By episode, never by transition, which would leak neighbouring frames (see split_transitions)."""
+    """Validation episodes: a seeded random val_frac of them, or the last val_frac (the seed's dynamics). Ours split
+    by episode: the seed's BC split transitions (this on E * T "episodes"), which leaks neighbouring frames."""
     if n_episodes == 1:
         return np.array([0]), np.array([0])  # one episode: train and validate on it
     n_val = min(n_episodes - 1, max(1, int(round(n_episodes * val_frac))))
     idx = np.arange(n_episodes)[::-1] if contiguous else np.random.default_rng(seed).permutation(n_episodes)
-    return np.sort(idx[n_val:]), np.sort(idx[:n_val])
-
-
-def split_transitions(n_transitions, val_frac=0.2, seed=0):
-    """The seed's BC split: a random val_frac of all transitions (it was unseeded; this one is seeded)."""
-    idx = np.random.default_rng(seed).permutation(n_transitions)
-    n_val = max(1, int(round(n_transitions * val_frac)))
     return np.sort(idx[n_val:]), np.sort(idx[:n_val])
 
 
@@ -902,7 +889,7 @@ def train_bc(data, args):
         train_eps, val_eps = split_episodes(E, 0.2, args.seed)
         rows = {k: (eps[:, None] * T + np.arange(T)).ravel() for k, eps in (("train", train_eps), ("val", val_eps))}
     else:
-        train_eps, rows = np.arange(E), dict(zip(("train", "val"), split_transitions(E * T, 0.2, args.seed)))
+        train_eps, rows = np.arange(E), dict(zip(("train", "val"), split_episodes(E * T, 0.2, args.seed)))
     mean, std = standardizer(z[:, :T], train_eps if args.bc_norm == "train" else np.arange(E))
     X = torch.from_numpy(np.array(z[:, :T], np.float32).reshape(-1, z.shape[-1]))
     X = (X - torch.from_numpy(mean)) / torch.from_numpy(std)
@@ -1455,7 +1442,7 @@ def stage_probe(args, encoder):
                                                               precision="fp32", rope=tables), encoder.precision)
     z = {}
     for name, enc in encoders.items():
-        eps = list(run_episodes(seeds, EpsilonGreedy(expert_policy, EXPLORE[1], args.seed), enc,
+        eps = list(run_episodes(seeds, epsilon_greedy(expert_policy, EXPLORE[1], args.seed), enc,
                                 envs_for(args, enc, len(seeds), EXPLORE[0]), args.steps, keep_z=True, desc=name))
         z[name] = np.stack([ep["z"] for ep in eps])
     states = np.stack([ep["states"] for ep in eps])
