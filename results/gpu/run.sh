@@ -16,8 +16,8 @@ out=${1:?usage: run.sh OUT bench|compile|phase1|phase2} part=${2:?usage: run.sh 
 device=${DEVICE:-cuda} episodes=${EPISODES:-32} encoder=${ENCODER:-vitl} quick=${QUICK:+--quick}
 limit=${PART_LIMIT:-450} work=runs/gpu
 # the GPU's model name, e.g. h100 from "NVIDIA H100 80GB HBM3" (not its last word, hbm3); cpu without CUDA
-gpu=$(python3 -c "import re, torch; print((re.findall(r'\b[A-Z]*[0-9]+[A-Z]?\b', torch.cuda.get_device_name()) + ['gpu'])[0]
-.lower() if torch.cuda.is_available() else 'cpu')")
+gpu=$(python3 -c "import re, torch; print((re.findall(r'\b[A-Z]*[0-9]+[A-Z]?\b', torch.cuda.get_device_name())
++ ['gpu'])[0].lower() if torch.cuda.is_available() else 'cpu')")
 stages() {  # each stage in turn, until the part's time is spent; the first failure ends the part
   for stage in "$@"; do
     left=$((end - SECONDS))
