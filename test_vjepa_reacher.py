@@ -567,7 +567,8 @@ def test_seed_recipe_keeps_transformers_token_positions():
     seed_like = vr.load_encoder("tiny", precision="fp32", positions="checkpoint", frame_size=224)
     with torch.inference_mode():  # transformers' untouched model, positions on its 256 px crop's grid
         plain = vr.random_vjepa2(vr.tiny_config(), 0).eval().encoder
-        ref = plain(pixel_values_videos=vr.preprocess(torch.from_numpy(windows), torch.float32)).last_hidden_state
+        x = vr.preprocess(torch.from_numpy(windows), *seed_like.normalize)
+        ref = plain(pixel_values_videos=x).last_hidden_state
     assert torch.equal(vr.encode(seed_like, windows), ref.mean(1))
     ours = vr.load_encoder("tiny", precision="fp32", frame_size=224)
     assert not torch.equal(vr.encode(ours, windows), ref.mean(1))  # 7 x 7 patches: the positions now differ
