@@ -295,8 +295,7 @@ from report import UserError, atomic_path, load_json, save_json  # noqa: E402
 
 
 def save_model(path, model, data, mean, std, **extra):
-    """state_dict + plain metadata (the data's encoder and render look, the input standardisation), loadable with
-    torch.load(weights_only=True), which never unpickles arbitrary objects."""
+    """state_dict + plain metadata (data's encoder and look, input standardisation) for torch.load(weights_only)."""
     meta = dict(encoder=data["meta"]["encoder"], render=data["meta"].get("render"), mean=mean.tolist(),
                 std=std.tolist(), **extra)
     with atomic_path(path) as tmp:
@@ -1092,12 +1091,10 @@ def latent_cost(model, z, z_goal, cost="final", dtype=torch.float32):
 
 class MPC:
     """Model-predictive control in latent space, a policy(z, obs): each step plan from z toward the episode's goal
-    with `cem`, execute the first action (of the elite mean, or of the best sample with execute 'best'), replan.
-    Within an episode CEM starts from its last mean shifted one step (the new last step repeats the last, or is 0
-    with warm_tail 'zero'); every episode starts cold (obs step 0). z_goal: {episode seed: (D,) raw z};
-    standardisation: the model's (mean, std); settings: cem's horizon, samples, elites, iterations, init_std (and
-    uniform_first: random shooting). dtype 'bf16': rollouts under bf16 autocast, or on CUDA in an fp16 copy of the
-    net; graph: CEM's noise drawn up front and each call a CUDA graph (gpu.Graphed). Planning runs with TF32."""
+    with `cem` (its `settings`), execute the first action of the elite mean (or of the best sample), replan. Within
+    an episode CEM starts from its last mean shifted one step (the new last step repeated, or 0 with warm_tail
+    'zero'); each episode starts cold. z_goal: {episode seed: (D,) raw z}; standardisation: the model's (mean, std).
+    dtype 'bf16': bf16 autocast, or on CUDA an fp16 copy of the net; graph: each call one CUDA graph; TF32 on."""
 
     def __init__(self, model, z_goal, standardisation, settings, *, cost="final", execute="mean",
                  warm_tail="repeat", dtype="fp32", graph=False, seed=0):
