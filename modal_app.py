@@ -1,22 +1,21 @@
 """Run vjepa_reacher.py on Modal GPUs: sharded collection + encoding, merge, optional Hub upload, BC + eval.
 
     pip install modal && modal setup                          # once: the client is all a laptop needs; log in
-    modal run modal_app.py --shards 2 --args "--encoder tiny --episodes 8"   # smoke: 2 x 4 episodes, cents
+    modal run modal_app.py --run smoke --shards 2 --args "--encoder tiny --episodes 8"   # smoke: 2 x 4 episodes
     modal run modal_app.py                                    # Phase 1: 500 jacobian demos, ViT-L, 10 A10 shards
     modal run modal_app.py                                    # again after a failure: collects only what is missing
     modal run modal_app.py --args "--expert p --epsilon 0.3 --episodes 5000"   # seed Phase 2b exploration data
-    modal run modal_app.py --shards 1 --evaluate --args "--recipe seed"        # Phase 1, the seed's recipe, + BC
-    modal run modal_app.py --gpu L4 --args "--force --set render=full"         # another GPU; redo every shard
+    modal run modal_app.py --run seed --shards 1 --evaluate --args "--recipe seed"   # the seed's recipe, + BC
+    modal run modal_app.py --run full --gpu L4 --args "--set render=full"    # another look in its own run folder
     modal secret create huggingface HF_TOKEN=hf_...           # once, only for --hf-repo
     modal run modal_app.py --hf-repo you/vjepa2-reacher       # also upload the merged dataset
-    modal volume get vjepa-reacher runs/modal ./runs/modal    # fetch the run folder
+    mkdir -p runs && modal volume get vjepa-reacher runs/modal runs   # fetch runs/modal (--force: again)
 
 `--args` holds the script's options as typed after `python vjepa_reacher.py collect`, checked by its parser (here
-if vjepa_reacher imports, else in the first container, a CPU one). Every job calls vjepa_reacher.main with the command
-line a local user would type, so the cloud and local paths cannot drift apart. Not yet run on a real Modal account.
+if vjepa_reacher imports, else in the first container, a CPU one); `--run RUN` is the run folder, runs/RUN on the
+volume. Jobs call vjepa_reacher.main with the command line a local user would type, so the two cannot drift apart.
 """
 import contextlib
-import ctypes
 import dataclasses
 import glob
 import io
@@ -24,6 +23,7 @@ import os
 import re
 import shlex
 import shutil
+import subprocess
 import sys
 
 import modal
@@ -44,10 +44,9 @@ PACKAGES = ["torch==2.13.0", "mujoco==3.17.0", "dm_control==1.0.50", "transforme
             "numpy>=1.26", "tqdm>=4.66", "matplotlib>=3.8", "pillow>=10.1", "huggingface_hub>=0.30"]
 # EGL through libglvnd, which dispatches to a vendor library named by a JSON file: Modal's GPU containers mount the
 # NVIDIA driver libraries (libEGL_nvidia among them) but a slim image has no NVIDIA vendor file, so write the
-# standard one (as MuJoCo's Colab notebook does). libosmesa6: the CPU fallback when the driver brings no EGL.
-SOURCES = ["vjepa_reacher", "report", "rope", "sac"]  # the script and the leaves it imports (one file each)
+# standard one (as MuJoCo's Colab notebook does). libosmesa6: the CPU fallback where no EGL context works.
+SOURCES = ["vjepa_reacher", "report", "rope", "sac", "imagine"]  # the script and the leaves it imports (a file each)
 APT = ["libegl1", "libgl1", "libglvnd0", "libosmesa6"]
-NVIDIA_EGL = "libEGL_nvidia.so.0"
 NVIDIA_EGL_ICD = '{"file_format_version": "1.0.0", "ICD": {"library_path": "libEGL_nvidia.so.0"}}'
 image = (modal.Image.debian_slim(python_version="3.11")
          .apt_install(*APT)
@@ -58,13 +57,14 @@ image = (modal.Image.debian_slim(python_version="3.11")
 app = modal.App("vjepa-reacher", image=image)
 
 
-def gl_backend():
-    """egl when the NVIDIA EGL library loads (frames drawn on the GPU), else osmesa (drawn by the CPU, llvmpipe).
-    dlopen is the lookup glvnd itself makes through the vendor file above."""
+def gl_backend(check="import mujoco; mujoco.GLContext(64, 64).make_current()"):
+    """egl when `check` makes MuJoCo's EGL context current in a subprocess (frames drawn on the GPU), else osmesa
+    (drawn by the CPU, llvmpipe); the check's error, if any, is in the log. A library that loads is not a context
+    that works (a driver without EGL, no device), and a failed EGL start may crash or hang its process."""
+    argv, env = [sys.executable, "-c", check], dict(os.environ, MUJOCO_GL="egl")
     try:
-        ctypes.CDLL(NVIDIA_EGL)
-        return "egl"
-    except OSError:
+        return "osmesa" if subprocess.run(argv, env=env, timeout=120).returncode else "egl"
+    except subprocess.TimeoutExpired:
         return "osmesa"
 
 
@@ -150,14 +150,13 @@ def shard_todo(args, job, root, shard):
     path = os.path.join(root, f"shard_{shard}of{job.shards}", "meta.json")
     if args.force or not os.path.exists(path):
         return True
-    meta = vjepa_reacher.load_json(path)
-    want = expected_meta(args, shard, job.shards)
+    meta, want = vjepa_reacher.load_json(path), expected_meta(args, shard, job.shards)
     got = dict(meta, encoder=meta.get("encoder", {}).get("id"))
     wrong = [k for k in want if got.get(k) != want[k]]
     if wrong and wrong != ["seeds"]:
         raise RuntimeError(f"{os.path.dirname(path)} was made with {wrong[0]}={got.get(wrong[0])}, this job has "
-                           f"{want[wrong[0]]}: pass the same options, another --run, or --force in --args to "
-                           "re-collect it")
+                           f"{want[wrong[0]]}: pass the same options, or another --run (a new run folder), or "
+                           f"--force in --args (it deletes the episodes in {root} and collects them anew)")
     return wrong == ["seeds"]
 
 
@@ -169,8 +168,8 @@ def todo_shards_job(job):
     others = [d for d in sorted(glob.glob(os.path.join(root, "shard_*of*"))) if not d.endswith(f"of{job.shards}")]
     if others and not args.force:
         count = others[0].rpartition("of")[2]
-        raise RuntimeError(f"{root} holds shards of --shards {count}, not {job.shards}: pass --shards {count} to "
-                           f"reuse them, or --force in --args to re-collect in {job.shards}")
+        raise RuntimeError(f"{root} holds shards of --shards {count}, not {job.shards}: pass --shards {count}, or "
+                           f"another --run (a new run folder), or --force in --args (deletes them all, collects anew)")
     for d in others:
         shutil.rmtree(d)
     return [i for i in range(job.shards) if shard_todo(args, job, root, i)]
@@ -250,8 +249,7 @@ def run_pipeline(job, todo_shards, collect_shards, merge, upload=None, evaluate=
 
     The remote calls come in as arguments so a test can run this locally: todo_shards(job) -> shards to collect;
     collect_shards(job, shards) -> one result per shard, in order, an exception for each that failed;
-    merge(job) -> data folder; upload(data_dir) -> URL; evaluate(job). Returns the merged data folder.
-    """
+    merge(job) -> data folder; upload(data_dir) -> URL; evaluate(job). Returns the merged data folder."""
     todo = step("check", todo_shards, job)
     if len(todo) < job.shards:
         print(f"{job.shards - len(todo)} of {job.shards} shards already finished with these options; collecting {todo}")
@@ -260,16 +258,18 @@ def run_pipeline(job, todo_shards, collect_shards, merge, upload=None, evaluate=
         if isinstance(result, BaseException):
             failed[i] = last_line(result) or repr(result)
         print(f"shard {i}/{job.shards} " + (f"failed: {failed[i]}" if i in failed else "done"))
-    if failed:
+    if failed:  # a rerun with --force would delete the shards that finished
+        rerun = "the same command without --force in --args" if "--force" in job.args else "the same command"
         raise SystemExit(f"error: {len(failed)} of {job.shards} shards failed ({sorted(failed)}; first: "
-                         f"{failed[min(failed)]}); the others are saved: re-run the same command to collect the rest")
+                         f"{failed[min(failed)]}); the others are saved: re-run {rerun} to collect the rest")
     data_dir = step("merge", merge, job)
     print("merged ->", data_dir)
     if upload:
         print("uploaded ->", step("upload", upload, data_dir))
     if evaluate:
         step("bc + eval", evaluate, job)
-        print(f"eval done: `modal volume get vjepa-reacher {job.out.removeprefix(VOLUME + '/')}/report.md .`")
+    # modal 1.6.4's `volume get` puts REMOTE's last part inside LOCAL, which must be a folder that exists
+    print(f"fetch it: mkdir -p runs && modal volume get vjepa-reacher {os.path.relpath(job.out, VOLUME)} runs")
     return data_dir
 
 

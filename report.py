@@ -195,10 +195,17 @@ def phase1_table(results, steps):
     conditions = [(f"expert `{k}`", k, v) for k, v in results.get("experts", {}).items()]
     conditions += [(k, k, v) for k, v in results.get("eval", {}).items()]
     rows = [[label, fmt_rate(v), fmt_rate(v, "seed_success"), f"{v['return']:.1f}", f"{v['final_distance']:.3f}",
-             v["n"], seed_figure(key)] for label, key, v in conditions]
+             v["n"], fmt_long(v), seed_figure(key)] for label, key, v in conditions]
     return (f"Phase 1: live evaluation, {steps}-step episodes (encoder `{results['encoder']['id']}`)\n\n" +
             md_table(["condition", "success [95% CI]", "seed_success", f"mean return ({steps} steps)",
-                      "final dist (m)", "n", "seed's figure (success / return, 200 steps)"], rows))
+                      "final dist (m)", "n", "return, 1,000 steps", "seed's figure (success / return, 200 steps)"],
+                     rows))
+
+
+def fmt_long(m):
+    """The 1,000-step return of a condition: mean ± 95% half-width (n), or '' if it was not measured."""
+    s = m.get("standard")
+    return f"{s['return']:.0f} ± {s['return_ci']:.0f} (n = {s['n']})" if s else ""
 
 
 def bc_line(results):
@@ -227,11 +234,11 @@ def plan_table(results, steps):
         seed = f"{s.get('min_dist', '-')} / {s.get('improvement', '-')} / {s.get('reward', '')}"
         rows.append([k, fmt_rate(p), p.get("steps", steps), f"{p['return']:.1f}", f"{p['initial_distance']:.3f}",
                      f"{p['final_distance']:.3f} ± {p['final_distance_ci']:.3f}", f"{p['min_distance']:.3f}",
-                     f"{p['ms_per_action']:.0f}", p["n"], seed])
+                     f"{p['ms_per_action']:.0f}", p["n"], fmt_long(p), seed])
     return (f"Phase 4: latent MPC (encoder `{results['encoder']['id']}`)\n\n" +
             md_table(["planner/model", "success", "steps", "return", "initial dist (m)", "final dist (m)",
-                      "closest (m)", "ms/action", "n", "seed: latent min dist / improvement / reward (1 episode)"],
-                     rows))
+                      "closest (m)", "ms/action", "n", "return, 1,000 steps",
+                      "seed: latent min dist / improvement / reward (1 episode)"], rows))
 
 
 def probe_table(results):
@@ -251,6 +258,35 @@ def rl_section(results):
             f"{rl['standardisation']})\n\n" +
             md_table(["variant", "env steps", "updates", "wall s", "final success [95% CI]", "return", "n"], rows) +
             "\n\nLearning curve (rl.json's `curve`): ![SAC learning curve](rl_curve.png)")
+
+
+def imagine_section(results):
+    """Phase 5's table: the actor-critic learned in imagination, on the evaluation and the planning episodes."""
+    im, rows = results["imagine"], []
+    for label, m in ((f"evaluation episodes, {im['steps']} steps", im["eval"]),
+                     (f"planning episodes (CEM's), {im['plan_steps']} steps", im["plan"]),
+                     ("evaluation episodes, reacher-easy's 1,000 steps", im["eval"].get("standard"))):
+        if m:
+            rows.append([label, fmt_rate(m), f"{m['return']:.1f} ± {m['return_ci']:.1f}", m["n"]])
+    first, last = im["refits"][0], im["refits"][-1]
+    return (f"### Phase 5: actor-critic in imagination (encoder `{results['encoder']['id']}`)\n\n" +
+            md_table(["episodes", "success [95% CI]", "return", "n"], rows) +
+            f"\n\n{im['env_steps']:,} env steps ({im['phase2_steps']:,} of them the Phase 2 data), "
+            f"{im['updates']:,} imagination updates, {im['seconds']:.0f} s; {im['eval']['ms_per_action']:.3f} ms an "
+            f"action. Reward head held-out MSE {first['reward_val']:.4f} at the first refit, {last['reward_val']:.4f} "
+            f"at the last ({len(im['refits'])} refits); dynamics held-out SmoothL1 {first['dynamics_val']:.5f} -> "
+            f"{last['dynamics_val']:.5f}.{diagnosis_line(im['eval'].get('diagnosis'))} Learning curve: "
+            "![learning curves](rl_curve.png)")
+
+
+def diagnosis_line(d):
+    """Where the actor-critic's real evaluation episodes part from its imagination, for successes and failures."""
+    if not d:
+        return ""
+    parts = [f"{k} (n = {d[k]['n']}): reward head MSE {d[k]['reward_mse']:.3f}, dynamics 1-step error "
+             f"{d[k]['dynamics_error']:.3f}" for k in ("success", "failure") if d[k]["n"]]
+    return (" Along its real evaluation episodes, " + "; ".join(parts) +
+            f" (held-out replay: {d['replay_dynamics_error']:.3f}).")
 
 
 def gif(path, frames, captions, goal=None):
@@ -331,18 +367,32 @@ def plot_plan(plt, results, enc):
 
 
 def plot_rl(plt, results, enc):
-    if "rl" not in results or not results["rl"].get("runs"):
+    """SAC's and the actor-critic's learning curves against environment steps (the actor-critic's count the Phase 2
+    data it started from)."""
+    curves = {k: v["curve"] for k, v in results.get("rl", {}).get("runs", {}).items()}
+    curves.update({"imagine": results["imagine"]["curve"]} if "imagine" in results else {})
+    if not curves:
         return None
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.2))
-    for label, trained in results["rl"]["runs"].items():
-        curve = trained["curve"]
+    for label, curve in curves.items():
         axes[0].plot([c["step"] for c in curve], [c["return"] for c in curve], marker="o", label=label)
         axes[1].plot([c["step"] for c in curve], [100 * c["success"] for c in curve], marker="o", label=label)
-    axes[0].set(xlabel="environment steps", ylabel="return", title=f"SAC learning curve ({enc})")
-    axes[1].set(xlabel="environment steps", ylabel="final-step success %", ylim=(0, 105), title=f"SAC success ({enc})")
+    axes[0].set(xlabel="environment steps", ylabel="return", title=f"Learning curves ({enc})")
+    axes[1].set(xlabel="environment steps", ylabel="final-step success %", ylim=(0, 105), title=f"Success ({enc})")
     for ax in axes:
         ax.legend()
     return fig
+
+
+def write_curves(out, results):
+    """rl_curve.csv: every learning-curve point of SAC and the actor-critic, one row each, by environment steps."""
+    curves = {k: v["curve"] for k, v in results.get("rl", {}).get("runs", {}).items()}
+    curves.update({"imagine": results["imagine"]["curve"]} if "imagine" in results else {})
+    if curves:
+        rows = [f"{name},{c['step']},{c['updates']},{c['success']},{c['return']},{c['seconds']}"
+                for name, curve in curves.items() for c in curve]
+        write_text(os.path.join(out, "rl_curve.csv"), "\n".join(["method,env_steps,updates,success,return,seconds"] +
+                                                               rows) + "\n")
 
 
 def make_plots(out, results):
@@ -369,7 +419,7 @@ def collect_results(out):
     results = {"config": config, "encoder": config.get("encoder_info", {"id": config["encoder"]}),
                "timing": load_json(timing) if os.path.exists(timing) else {}}
     for name, key in (("bc.json", "bc"), ("eval.json", None), ("rl.json", "rl"), ("dynamics.json", None),
-                      ("plan.json", None), ("probe.json", None)):
+                      ("imagine.json", "imagine"), ("plan.json", None), ("probe.json", None)):
         path = os.path.join(out, name)
         if os.path.exists(path):
             part = load_json(path)
@@ -378,6 +428,8 @@ def collect_results(out):
             results.update({key: part} if key else part)
     if "rl" in results and "eval" in results:  # SAC's final policies join the Phase 1 table
         results["eval"].update(results["rl"]["eval"])
+    if "imagine" in results and "eval" in results:  # and so does the actor-critic's
+        results["eval"]["imagine"] = results["imagine"]["eval"]
     return results
 
 
@@ -429,6 +481,8 @@ def report_phase1(results, plots):
         parts += [bc_line(results), ""]
     if "rl" in results:
         parts += [rl_section(results), ""]
+    if "imagine" in results:
+        parts += [imagine_section(results), ""]
     if "success.png" in plots:
         parts += [f"![success rates, encoder {enc}](success.png)", ""]
     return parts
@@ -459,6 +513,7 @@ def write_report(out):
     """Rebuild results.json, the plots and report.md from the run folder; nothing is re-run."""
     results = collect_results(out)
     plots = make_plots(out, results)
+    write_curves(out, results)
     parts = report_head(results, out) + report_phase1(results, plots) + report_phase4(results)
     gifs = sorted(os.path.basename(g) for g in glob.glob(os.path.join(out, "*.gif")))
     if gifs:

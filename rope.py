@@ -6,9 +6,9 @@ caches the tables per (grid, device, dtype) and takes positions from each input'
 `install(model, "checkpoint")` keeps transformers' positions, only cached. Needs torch and transformers.
 
     model = VJEPA2Model.from_pretrained("facebook/vjepa2-vitl-fpc64-256")
-    rope.install(model, "input")  # None, with a notice, if this transformers' attention is not the expected one
+    rope.install(model, "input")  # None, and a warning, if this transformers' attention is not the expected one
 """
-import sys
+import warnings
 
 import torch
 
@@ -54,7 +54,7 @@ class Tables:
 
 def install(model, grid):
     """Tables on each encoder layer of a loaded VJEPA2Model, per instance, if its attention is the one they
-    were written for (checked bit for bit on a random input); else transformers' code stays, with a notice."""
+    were written for (checked bit for bit on a random input); else None and a warning: transformers' code stays."""
     from transformers.models.vjepa2 import modeling_vjepa2 as hf
     rope, layers, c = Tables(model.config, grid), [layer.attention for layer in model.encoder.layer], model.config
     rope.thw = (2, c.crop_size // c.patch_size, c.crop_size // c.patch_size)  # a 4-frame clip, for the check
@@ -69,8 +69,8 @@ def install(model, grid):
         ok = False
     rope.tables.clear()
     if not ok:
-        print("note: this transformers' VJEPA2 attention is not the one the RoPE cache was written for; using its "
-              "own (slower, tokens on the checkpoint's grid)", file=sys.stderr)
+        warnings.warn("this transformers' VJEPA2 attention is not the one the RoPE cache was written for; using "
+                      "its own (slower, tokens on the checkpoint's grid)", stacklevel=2)
         return None
     model.encoder.embeddings.register_forward_pre_hook(rope.see_input)
     for a in layers:

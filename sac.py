@@ -5,9 +5,9 @@ tuning, random warm-up), without its env loop: `SACAgent` is called as policy(z,
 loop steps the environments, learns while it acts, and takes finished episodes through `add_episode`.
 It imports nothing from vjepa_reacher.py; copy the file whole into another project.
 
-    agent = SACAgent(dim, mean, std, action_repeat=2)      # mean, std: standardisation of z
-    actions = agent(z, obs)                                # (B, 2); learns once the buffer is warm
-    agent.add_episode({"z": z, "actions": a, "rewards": r})  # z (T+1, D), a (T, 2), r (T,)
+    agent = SACAgent(dim, mean, std, action_repeat=2)      # mean, std: standardisation of z; action_dim=2
+    actions = agent(z, obs)                                # (B, A); learns once the buffer is warm
+    agent.add_episode({"z": z, "actions": a, "rewards": r})  # z (T+1, D), a (T, A), r (T,)
     greedy_actions = agent.greedy(z, obs)                  # deterministic tanh(mean), for evaluation
     curve = train(agent, play, seeds, 8, evaluate, 10_000)  # or the whole loop: play(seeds) -> episodes
 
@@ -113,7 +113,7 @@ class ReplayBuffer:
         return {k: torch.cat([own[k], demo[k]]) for k in own}
 
 
-def sac_update(nets, optims, batch, gamma=0.99, tau=0.005, target_entropy=-2.0, generator=None):
+def sac_update(nets, optims, batch, gamma=0.99, tau=0.005, target_entropy=None, generator=None):
     """One gradient step of SAC on a batch of standardised transitions (z, a, r, z_next, done).
 
     nets: actor, critic (QNet), critic_target, log_alpha; optims: actor, critic, alpha (Adam).
@@ -121,12 +121,12 @@ def sac_update(nets, optims, batch, gamma=0.99, tau=0.005, target_entropy=-2.0, 
          a' ~ pi(z'): the soft Bellman target.
       2. actor: minimise alpha log pi(a|z) - min Q(z, a) with a ~ pi(z) reparameterised (CleanRL every other
          step with two updates; one every step here is the same count, simpler).
-      3. alpha: move log alpha so that the policy's entropy tracks target_entropy (-action_dim).
+      3. alpha: move log alpha so that the policy's entropy tracks target_entropy (None: -action_dim, SAC's).
       4. Polyak: critic_target <- tau critic + (1 - tau) critic_target.
-    Returns losses and statistics as floats.
-    """
+    Returns losses and statistics as floats."""
     actor, critic, critic_target, log_alpha = nets["actor"], nets["critic"], nets["critic_target"], nets["log_alpha"]
     alpha = log_alpha.exp().detach()
+    target_entropy = -batch["a"].shape[-1] if target_entropy is None else target_entropy
     with torch.no_grad():
         a_next, logp_next = actor.sample(batch["z_next"], generator)
         q_next = torch.min(*critic_target(batch["z_next"], a_next)) - alpha * logp_next
@@ -160,7 +160,7 @@ def sac_update(nets, optims, batch, gamma=0.99, tau=0.005, target_entropy=-2.0, 
 class SACAgent:
     """SAC's nets, optimisers, replay buffer(s) and standardisation; also a `run_episodes` policy that learns.
 
-    Called as policy(z, obs) on a lockstep batch z (B, D) it returns actions (B, 2): uniform random for the
+    Called as policy(z, obs) on a lockstep batch z (B, D) it returns actions (B, action_dim): uniform random for the
     first learning_starts control steps, then a ~ pi(z). It counts control steps (B x action_repeat per call)
     and, once the buffer holds batch_size transitions, makes updates_per_step gradient updates per decision
     (per transition collected), so learning happens while the episodes run. `greedy` is the deterministic
@@ -169,28 +169,28 @@ class SACAgent:
 
     def __init__(self, dim, mean, std, action_repeat=2, demos=None, hidden=256, batch_size=256,
                  learning_starts=5_000, updates_per_step=1.0, actor_lr=3e-4, critic_lr=1e-3, gamma=0.99, tau=0.005,
-                 capacity=100_000, seed=0, device="cpu"):
+                 capacity=100_000, seed=0, device="cpu", action_dim=2):  # 2: reacher's two joint torques
         # hidden 256, batch 256, actor lr 3e-4, critic and alpha lr 1e-3, tau 0.005, gamma 0.99: CleanRL's
         # defaults. learning_starts 5,000: CleanRL's (25 random episodes of 200 steps). capacity in transitions,
         # not CleanRL's 1M: at D=1024 each costs 8 kB (z and z_next); size it to the whole run.
         # updates_per_step 1: one update per transition (per decision), as CleanRL and DrQ.
         self.device, self.action_repeat, self.batch_size = device, action_repeat, batch_size
-        self.gamma, self.tau = gamma, tau
+        self.gamma, self.tau, self.action_dim = gamma, tau, action_dim
         self.learning_starts, self.updates_per_step = learning_starts, updates_per_step
         self.mean = torch.as_tensor(mean, dtype=torch.float32, device=device)
         self.std = torch.as_tensor(std, dtype=torch.float32, device=device)
         with torch.random.fork_rng(devices=[]):  # --seed alone fixes the initial weights; caller's RNG untouched
             torch.manual_seed(seed)
-            actor, critic = Actor(dim, 2, hidden).to(device), QNet(dim, 2, hidden).to(device)
-        critic_target = QNet(dim, 2, hidden).to(device).requires_grad_(False)
+            actor, critic = Actor(dim, action_dim, hidden).to(device), QNet(dim, action_dim, hidden).to(device)
+        critic_target = QNet(dim, action_dim, hidden).to(device).requires_grad_(False)
         critic_target.load_state_dict(critic.state_dict())
         log_alpha = torch.zeros((), device=device, requires_grad=True)  # alpha starts at 1, as CleanRL
         self.nets = {"actor": actor, "critic": critic, "critic_target": critic_target, "log_alpha": log_alpha}
         self.optims = {"actor": torch.optim.Adam(actor.parameters(), lr=actor_lr),
                        "critic": torch.optim.Adam(critic.parameters(), lr=critic_lr),
                        "alpha": torch.optim.Adam([log_alpha], lr=critic_lr)}
-        self.target_entropy = -2.0  # -action_dim, SAC's heuristic
-        self.buffer, self.demos = ReplayBuffer(dim, capacity), demos
+        self.target_entropy = -float(action_dim)  # SAC's heuristic
+        self.buffer, self.demos = ReplayBuffer(dim, capacity, action_dim), demos
         self.rng = np.random.default_rng(seed)
         self.generator = torch.Generator(device).manual_seed(seed)
         self.env_steps, self.updates, self.owed, self.info, self.returns = 0, 0, 0.0, {}, []
@@ -200,13 +200,13 @@ class SACAgent:
 
     @torch.no_grad()
     def greedy(self, z, obs):
-        """The deterministic policy tanh(mean), actions (B, 2) for raw embeddings z (B, D): for evaluation."""
+        """The deterministic policy tanh(mean), actions (B, A) for raw embeddings z (B, D): for evaluation."""
         return torch.tanh(self.nets["actor"](self.standardize(z))[0]).cpu().numpy()
 
     def __call__(self, z, obs):
         B = len(z)
         if self.env_steps < self.learning_starts:
-            a = self.rng.uniform(-1, 1, size=(B, 2)).astype(np.float32)
+            a = self.rng.uniform(-1, 1, size=(B, self.action_dim)).astype(np.float32)
         else:
             with torch.no_grad():
                 a = self.nets["actor"].sample(self.standardize(z), self.generator)[0].cpu().numpy()
@@ -219,8 +219,9 @@ class SACAgent:
         return a
 
     def add_episode(self, ep):
-        """run_episodes' on_episode: store a finished episode (z (T+1, D), actions, rewards). Episodes of a
-        lockstep chunk arrive when the chunk ends: one chunk later than CleanRL's add after every step."""
+        """Store a finished episode (z (T+1, D), actions (T, A), rewards (T,)); `train` passes it each episode
+        that play returns. Episodes of a lockstep chunk arrive when the chunk ends: one chunk later than
+        CleanRL's add after every step."""
         self.buffer.add_episode(ep["z"], ep["actions"], ep["rewards"])
         self.returns.append(float(ep["rewards"].sum()))
 
@@ -235,7 +236,7 @@ class SACAgent:
         self.updates += 1
 
 
-def demo_buffer(episodes, dim, action_repeat=1):
+def demo_buffer(episodes, dim, action_repeat=1, action_dim=2):
     """A ReplayBuffer of demo episodes (dicts with z (T+1, D), actions, rewards) for RLPD-style mixing.
 
     Demos recorded at action_repeat 1 are regrouped into decisions of `action_repeat` steps: every k-th z,
@@ -243,14 +244,12 @@ def demo_buffer(episodes, dim, action_repeat=1):
     within a block)."""
     k = action_repeat
     n = sum(len(ep["actions"]) // k for ep in episodes)
-    buffer = ReplayBuffer(dim, n)
+    buffer = ReplayBuffer(dim, n, action_dim)
     for ep in episodes:
         T = len(ep["actions"]) // k
         rewards = np.asarray(ep["rewards"][:T * k], np.float32).reshape(T, k).sum(1)
         buffer.add_episode(np.asarray(ep["z"][:T * k + 1:k], np.float32), ep["actions"][:T * k:k], rewards)
     return buffer
-
-
 
 
 def train(agent, play, seeds, chunk, evaluate, eval_every):

@@ -16,6 +16,7 @@ import math
 import os
 import re
 import shutil
+import shlex
 import signal
 import subprocess
 import sys
@@ -25,6 +26,7 @@ import numpy as np
 import pytest
 import torch
 
+import imagine
 import report
 import rope
 import sac
@@ -36,7 +38,8 @@ SCRIPT = os.path.join(HERE, "vjepa_reacher.py")
 TINY = ["--episodes", "6", "--eval-episodes", "4", "--steps", "20", "--epochs", "5", "--dyn-epochs", "2",
         "--plan-episodes", "2", "--set", "plan_steps=6", "--samples", "16", "--elites", "4", "--rs-samples", "32",
         "--iterations", "2", "--horizon", "3", "--probe-episodes", "4", "--batch-size", "8", "--rl-steps", "80",
-        "--rl-envs", "2", "--rl-eval-every", "80", "--rl-eval-episodes", "2"]
+        "--rl-envs", "2", "--rl-eval-every", "80", "--rl-eval-episodes", "2", "--imagine-steps", "40",
+        "--imagine-updates", "3", "--long-episodes", "0"]
 # Without the 8.4M-param resblock, whose planning dominates a tiny run's time.
 LIGHT = ["--dynamics", "mlp", "mlp_rollout5", "--plans", "random/mlp", "cem/mlp", "cem/mlp_rollout5"]
 
@@ -581,8 +584,10 @@ def test_rope_cache_steps_aside_for_an_attention_it_was_not_written_for(capsys):
         layer.attention.d_dim = 2  # as if a later transformers rotated fewer dimensions
     x = torch.randn(1, vr.WINDOW, 3, 256, 256)
     before = last_hidden(model, x)
-    assert rope.install(model, "input") is None
-    assert "RoPE cache" in capsys.readouterr().err and not model.encoder.embeddings._forward_pre_hooks
+    with pytest.warns(UserWarning, match="RoPE cache") as caught:  # a warning, not a print: rope.py is a library
+        assert rope.install(model, "input") is None
+    assert caught[0].filename == __file__  # stacklevel: it names the caller's line
+    assert capsys.readouterr().err == "" and not model.encoder.embeddings._forward_pre_hooks
     assert torch.equal(last_hidden(model, x), before)  # transformers' own code still runs
     assert vr.Encoder("x", 64, model).info()["rope"] == "transformers' own (checkpoint grid)"
 
@@ -1131,6 +1136,27 @@ def test_sac_solves_point_task(seed, one_thread):
     assert agent.info["alpha"] < 1.0 and np.isfinite(agent.info["critic_loss"])
 
 
+def test_sac_takes_any_action_size():
+    """sac.py is copied whole into other tasks: nothing in it may assume reacher's two torques."""
+    rng = np.random.default_rng(0)
+    ep = {"z": rng.normal(size=(9, 4)).astype(np.float32), "actions": rng.uniform(-1, 1, (8, 3)).astype(np.float32),
+          "rewards": np.ones(8, np.float32)}
+    demos = sac.demo_buffer([ep], 4, action_repeat=2, action_dim=3)
+    agent = sac.SACAgent(4, np.zeros(4), np.ones(4), action_repeat=1, demos=demos, hidden=16, batch_size=8,
+                         learning_starts=4, action_dim=3)
+    z = np.zeros((4, 4), np.float32)
+    assert agent(z, {}).shape == (4, 3) and agent.updates == 0  # the uniform warm-up
+    agent.add_episode(ep)
+    assert agent(z, {}).shape == (4, 3) and agent.updates == 4  # the actor, and updates on mixed batches
+    assert agent.greedy(z, {}).shape == (4, 3) and demos.a.shape == (4, 3) and agent.target_entropy == -3
+    log_alpha = torch.zeros((), requires_grad=True)  # plain SGD, lr 1: log alpha moves by exactly entropy gap
+    optims = {"actor": torch.optim.SGD(agent.nets["actor"].parameters(), lr=0.0),
+              "critic": torch.optim.SGD(agent.nets["critic"].parameters(), lr=0.0),
+              "alpha": torch.optim.SGD([log_alpha], lr=1.0)}
+    info = sac.sac_update(dict(agent.nets, log_alpha=log_alpha), optims, agent.buffer.sample(8, rng))
+    assert log_alpha.item() == pytest.approx(-info["entropy"] - 3, rel=1e-5)  # the default target: -action_dim
+
+
 def test_actor_log_prob_matches_torch_distributions():
     actor = sac.Actor(3, 2, hidden=16)
     z = torch.randn(5, 3, generator=torch.Generator().manual_seed(0))
@@ -1140,6 +1166,108 @@ def test_actor_log_prob_matches_torch_distributions():
     expected = torch.distributions.Normal(mean, log_std.exp()).log_prob(u).sum(-1) - torch.log(1 - a ** 2).sum(-1)
     assert torch.allclose(logp, expected, atol=1e-3)
     assert a.abs().max() <= 1 and (log_std >= sac.LOG_STD_MIN).all() and (log_std <= sac.LOG_STD_MAX).all()
+
+
+# ---------------------------------------------------------------------------------------------
+# imagine.py: behaviour learning in imagination (Phase 5)
+# ---------------------------------------------------------------------------------------------
+def test_lambda_return_by_hand():
+    rewards = torch.tensor([[1.0], [0.0], [2.0]])  # r_1, r_2, r_3
+    values = torch.tensor([[0.5], [1.0], [2.0], [4.0]])  # v_0 .. v_3
+    # R_3 = v_3 = 4; R_2 = 2 + 0.9 (0.5 * 4 + 0.5 * 4) = 5.6; R_1 = 0 + 0.9 (0.5 * 2 + 0.5 * 5.6) = 3.42;
+    # R_0 = 1 + 0.9 (0.5 * 1 + 0.5 * 3.42) = 2.989
+    R = imagine.lambda_return(rewards, values, gamma=0.9, lam=0.5)
+    assert R.shape == (3, 1) and torch.allclose(R[:, 0], torch.tensor([2.989, 3.42, 5.6]))
+    monte_carlo = imagine.lambda_return(rewards, values, gamma=0.9, lam=1.0)[0, 0]
+    assert monte_carlo.item() == pytest.approx(1 + 0.9 * 0 + 0.81 * 2 + 0.729 * 4)
+    td0 = imagine.lambda_return(rewards, values, gamma=0.9, lam=0.0)[:, 0]
+    assert torch.allclose(td0, torch.tensor([1 + 0.9 * 1.0, 0 + 0.9 * 2.0, 2 + 0.9 * 4.0]))
+
+
+def test_return_scale_is_a_debiased_percentile_range_never_below_one():
+    scale = imagine.ReturnScale()
+    assert scale(torch.arange(101.0)) == pytest.approx(90.0)  # P95 - P5 of 0..100, debiased after one update
+    # a second batch (P5 0.5, P95 9.5): EMAs with decay 0.99, debiased by 1 - 0.99^2
+    assert scale(torch.arange(11.0)) == pytest.approx((0.99 * 0.01 * 90 + 0.01 * 9) / (1 - 0.99 ** 2))
+    assert imagine.ReturnScale()(torch.linspace(3.0, 3.5, 50)) == 1.0  # a small range is not blown up
+
+
+class Linear2(torch.nn.Module):
+    """A differentiable toy dynamics z' = z + W [z, a] (action-free if uses_action is False)."""
+
+    def __init__(self, dim, uses_action=True):
+        super().__init__()
+        self.w, self.uses_action = torch.nn.Linear(dim + 2, dim), uses_action
+
+    def forward(self, z, a):
+        return z + self.w(torch.cat([z, a if self.uses_action else torch.zeros_like(a)], -1))
+
+
+def filled_learner(dynamics, dim=3, n=8, T=20, **kw):
+    learner = imagine.Imagination(dynamics, np.zeros(dim), np.ones(dim), hidden=32, batch_size=16, capacity=n * T,
+                                  **kw)
+    rng = np.random.default_rng(0)
+    for _ in range(n):
+        learner.add_episode({"z": rng.normal(size=(T + 1, dim)), "actions": rng.uniform(-1, 1, (T, 2)),
+                             "rewards": rng.uniform(0, 1, T)})
+    return learner
+
+
+@pytest.mark.parametrize("uses_action", [True, False])
+def test_actor_update_reaches_the_actor_through_the_dynamics_only(uses_action):
+    learner = filled_learner(Linear2(3, uses_action), entropy=0.0)  # no entropy: the return is the only signal
+    learner.refit(steps=2)
+    for net in (learner.dynamics, learner.reward, learner.actor):
+        for p in net.parameters():
+            p.grad = None
+    dynamics_before = copy.deepcopy(learner.dynamics.state_dict())
+    learner.update()
+    assert all(p.grad is None for p in learner.dynamics.parameters())  # held fixed: no gradient, no step
+    assert all(p.grad is None for p in learner.reward.parameters())
+    assert all(torch.equal(v, learner.dynamics.state_dict()[k]) for k, v in dynamics_before.items())
+    actor_grad = sum(p.grad.abs().sum().item() for p in learner.actor.parameters())
+    # The return depends on the actions only through f(z, a): an action-free model gives the actor no gradient.
+    assert (actor_grad > 0) == uses_action
+
+
+def test_reward_head_fits_a_known_function_and_records_held_out_loss():
+    learner = filled_learner(Linear2(3), n=40, T=50)
+    for split in ("train", "val"):  # r_t = 0.5 + 0.4 tanh(2 z_{t+1, 0}): a function of the next latent
+        buf = learner.replay[split]
+        buf.r[:len(buf)] = 0.5 + 0.4 * np.tanh(2 * buf.z_next[:len(buf), 0])
+    assert len(learner.replay["val"]) == 4 * 50  # every 10th episode is held out
+    first = learner.refit(steps=600)
+    assert first["reward_val_before"] > 0.02 and first["reward_val"] < 0.002
+    assert learner.refits == [first] and first["env_steps"] == 40 * 50
+
+
+class PointDynamics(torch.nn.Module):
+    """The point task's exact dynamics on standardised z (raw x = 0.6 z): x' = clip(x + 0.2 a, -1, 1)."""
+
+    def __init__(self):
+        super().__init__()
+        self.bias = torch.nn.Parameter(torch.zeros(2))  # something for the refit to hold
+
+    def forward(self, z, a):
+        return torch.clamp(0.6 * z + 0.2 * a, -1, 1) / 0.6 + self.bias
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_imagination_alone_solves_point_task(seed, one_thread):
+    # No real step after the random data: the actor learns only inside the model. Sized for seconds: hidden 64,
+    # gamma 0.9 for a 30-step task, a higher learning rate.
+    learner = imagine.Imagination(PointDynamics(), np.zeros(2), np.full(2, 0.6), hidden=64, batch_size=64,
+                                  gamma=0.9, lr=1e-3, capacity=4000, seed=seed)
+    rng = np.random.default_rng(seed)
+    for ep in point_episodes(lambda z, obs: rng.uniform(-1, 1, (len(z), 2)), [1000 * seed + i for i in range(100)]):
+        learner.add_episode(ep)
+    learner.refit(steps=1000)
+    for _ in range(400):
+        learner.update()
+    trained = point_episodes(learner.greedy, list(range(10 ** 6, 10 ** 6 + 50)))
+    final = np.mean([ep["rewards"][-1] for ep in trained])
+    assert final >= 0.9, f"the imagined actor reached the origin in only {final:.0%} of episodes"
+    assert learner.updates == 400 and learner.env_steps == 3000 and np.isfinite(learner.info["critic_loss"])
 
 
 def ramp_episode(T, D, offset):
@@ -1460,6 +1588,26 @@ def test_all_quick_with_state_oracle(state_run):
     assert "rl.json has" in stdout and "--force to redo" in stdout
 
 
+def test_quick_imagine_beats_random_and_every_policy_has_a_1000_step_return(state_run):
+    out, _ = state_run
+    r, q = results(out), vr.QUICK
+    im = r["imagine"]
+    assert im["phase2_steps"] == q["episodes"] * q["steps"] and im["env_steps"] == im["phase2_steps"] + 1000
+    assert im["eval"]["success"] > r["eval"]["random"]["success"] + 0.2 and im["eval"]["n"] == q["eval_episodes"]
+    assert im["plan"]["n"] == q["plan_episodes"] and 0 < im["eval"]["ms_per_action"] < 50
+    assert [c["step"] for c in im["curve"]][0] == im["phase2_steps"] and im["curve"][-1]["step"] == im["env_steps"]
+    assert len(im["refits"]) >= 1 and all(np.isfinite(f["reward_val"]) for f in im["refits"])
+    assert im["updates"] == q["imagine_updates"] + 1000 // 10  # pretraining, then 0.1 an env step
+    for name, m in list(r["experts"].items()) + list(r["eval"].items()) + list(r["plan"].items()):
+        long = m["standard"]  # reacher-easy's own episode, on the first --long-episodes episodes
+        assert long["n"] == min(q["long_episodes"], q["plan_episodes"] if "/" in name else q["eval_episodes"]), name
+        assert 0 <= long["return"] <= vr.MAX_STEPS and long["return_ci"] >= 0, name
+    assert r["experts"]["jacobian"]["standard"]["return"] > 900  # in the target from ~step 50 to step 1,000
+    rows = open(os.path.join(out, "rl_curve.csv")).read().splitlines()
+    assert rows[0].startswith("method,env_steps") and {x.split(",")[0] for x in rows[1:]} == {"rl", "imagine"}
+    assert "Phase 5: actor-critic in imagination" in open(os.path.join(out, "report.md")).read()
+
+
 def test_all_quick_with_tiny_vjepa2_then_report(tiny_run):
     out = tiny_run
     r = results(out)
@@ -1618,6 +1766,16 @@ def local_remote(modal_app, calls, fail=()):
     return dict(todo_shards=modal_app.todo_shards_job, collect_shards=collect_shards, merge=modal_app.merge_job)
 
 
+def fake_collect(modal_app, job, shards):
+    """Each shard's meta.json as collect_shard writes it for `job`, without collecting."""
+    args = modal_app.parse_job(job)
+    for i in shards:
+        folder = os.path.join(job.out, "shards", vr.dataset_name(args.expert, args.epsilon), f"shard_{i}of{job.shards}")
+        os.makedirs(folder)
+        meta = dict(modal_app.expected_meta(args, i, job.shards), encoder={"id": args.encoder, "dim": 64})
+        json.dump(meta, open(os.path.join(folder, "meta.json"), "w"))
+
+
 def test_modal_app_imports_with_nothing_but_modal():
     import re
     modal_app = import_modal_app()
@@ -1693,7 +1851,8 @@ def test_modal_app_pipeline_runs_locally_reports_failed_shards_and_resumes(tmp_p
     calls, uploads = [], []
     remote = dict(local_remote(modal_app, calls, fail={(1, 0)}), upload=lambda d: uploads.append(d),
                   evaluate=modal_app.bc_eval_job)
-    with pytest.raises(SystemExit, match=r"1 of 2 shards failed \(\[0\]; first: container preempted\).*re-run"):
+    with pytest.raises(SystemExit, match=r"1 of 2 shards failed \(\[0\]; first: container preempted\).*re-run "
+                                         r"the same command to collect the rest$"):
         modal_app.run_pipeline(job, **remote)
     assert "shard 0/2 failed: container preempted" in capsys.readouterr().out
     assert calls == [[0, 1]] and modal_app.todo_shards_job(job) == [0]  # shard 1 finished despite shard 0
@@ -1708,6 +1867,10 @@ def test_modal_app_pipeline_runs_locally_reports_failed_shards_and_resumes(tmp_p
     modal_app.run_pipeline(forced, modal_app.todo_shards_job, lambda job, todo: calls.append(todo) or todo,
                            merge=lambda job: "data")
     assert calls[2] == [0, 1]
+    # ...so after a forced run that failed, the same command again would delete the shards that finished.
+    with pytest.raises(SystemExit, match="re-run the same command without --force in --args to collect the rest"):
+        modal_app.run_pipeline(forced, modal_app.todo_shards_job, lambda job, todo: [RuntimeError("preempted"), None],
+                               merge=lambda job: "data")
 
 
 def test_modal_rerun_with_more_episodes_collects_only_the_new_ones(tmp_path, capsys):
@@ -1736,7 +1899,8 @@ def test_modal_rerun_with_other_shards_is_refused_before_collecting_until_forced
     with pytest.raises(SystemExit) as e:
         modal_app.run_pipeline(modal_app.Job(out, MODAL_TINY, shards=3, device="cpu"), **remote)
     msg = str(e.value)
-    assert msg.startswith("error: check: ") and "\n" not in msg and "--shards 2" in msg and "--force" in msg
+    assert msg.startswith("error: check: ") and "\n" not in msg and "--shards 2" in msg
+    assert msg.index("another --run") < msg.index("--force in --args (deletes them all")
     assert calls == [[0, 1]]  # refused before any shard started
     forced = modal_app.Job(out, MODAL_TINY + ["--force"], shards=3, device="cpu")
     data = vr.load_dataset(modal_app.run_pipeline(forced, **remote))
@@ -1752,17 +1916,14 @@ def test_modal_shards_made_with_other_options_are_recollected_or_refused(tmp_pat
     another encoder, render or length: refused with one line, before any GPU starts; --force re-collects."""
     modal_app = import_modal_app()
     job = modal_app.Job(str(tmp_path / "run"), MODAL_TINY, shards=2)
-    args = modal_app.parse_job(job)
-    for i in range(2):  # what collect_shard writes, without collecting
-        os.makedirs(tmp_path / "run" / "shards" / "jacobian_eps0" / f"shard_{i}of2")
-        meta = dict(modal_app.expected_meta(args, i, 2), encoder={"id": "tiny", "dim": 64, "precision": "fp32"})
-        json.dump(meta, open(tmp_path / "run" / "shards" / "jacobian_eps0" / f"shard_{i}of2" / "meta.json", "w"))
+    fake_collect(modal_app, job, range(2))
     assert modal_app.todo_shards_job(job) == []
     other = modal_app.Job(job.out, MODAL_TINY + change, shards=2)
     if key is None:
         assert modal_app.todo_shards_job(other) == [0, 1]
     else:
-        with pytest.raises(RuntimeError, match=rf"shard_0of2 was made with {key}=.*--force in --args") as e:
+        with pytest.raises(RuntimeError, match=rf"shard_0of2 was made with {key}=.*another --run.*--force in --args "
+                                               r"\(it deletes the episodes in .*jacobian_eps0") as e:
             modal_app.todo_shards_job(other)
         assert "\n" not in str(e.value)
     assert modal_app.todo_shards_job(modal_app.Job(job.out, MODAL_TINY + change + ["--force"], shards=2)) == [0, 1]
@@ -1798,17 +1959,84 @@ def test_modal_script_exits_become_exceptions_with_the_scripts_line(tmp_path):
     assert e.value.code == 0
 
 
-def test_modal_renders_with_nvidia_egl_where_it_loads_and_osmesa_elsewhere(monkeypatch):
+def test_modal_renders_with_egl_only_where_a_context_works(monkeypatch, tmp_path):
+    """Issue 27: EGL was chosen because libEGL_nvidia.so.0 opened, not because a context worked."""
     modal_app = import_modal_app()
     assert "libosmesa6" in modal_app.APT
-
-    def cdll(found):
-        def load(name):
-            if not found:
-                raise OSError(f"{name}: cannot open shared object file")
-            return name
-        return load
-    monkeypatch.setattr(modal_app.ctypes, "CDLL", cdll(True))
-    assert modal_app.gl_backend() == "egl"
-    monkeypatch.setattr(modal_app.ctypes, "CDLL", cdll(False))
+    assert modal_app.gl_backend("import os; assert os.environ['MUJOCO_GL'] == 'egl'") == "egl"  # the check passes
+    assert modal_app.gl_backend("raise SystemExit(1)") == "osmesa"  # the check fails
+    if os.environ.get("MUJOCO_GL") == "egl":  # this suite renders with EGL (as CI does), so a context works here
+        assert modal_app.gl_backend() == "egl"
+    # The real check, with a vendor library that loads but is no EGL driver: no context, so OSMesa.
+    vendor = tmp_path / "vendor.json"
+    vendor.write_text('{"file_format_version": "1.0.0", "ICD": {"library_path": "libc.so.6"}}')
+    monkeypatch.setenv("__EGL_VENDOR_LIBRARY_FILENAMES", str(vendor))
     assert modal_app.gl_backend() == "osmesa"
+
+
+def readme_modal_commands():
+    """The `modal run modal_app.py` and `modal volume get` lines of the README's code blocks, split as a shell
+    would: the options of each run, and each fetch line."""
+    blocks = open(os.path.join(HERE, "README.md")).read().split("```")[1::2]
+    lines = [shlex.split(l, comments=True) for b in blocks for l in b.splitlines() if "modal" in l]
+    fetch = [l for l in lines if l[l.index("modal") + 1:][:2] == ["volume", "get"]]
+    return [l[3:] for l in lines if l[:3] == ["modal", "run", "modal_app.py"]], fetch
+
+
+def test_modal_readme_commands_run_in_sequence_without_force(monkeypatch, tmp_path):
+    """Issue 27: the smoke run took Phase 1's run folder, so Phase 1 was refused, then the seed recipe."""
+    from modal.cli.run import _get_click_command_for_local_entrypoint
+    modal_app = import_modal_app()
+    monkeypatch.setattr(modal_app, "VOLUME", str(tmp_path))
+    jobs = []
+    monkeypatch.setattr(modal_app, "run_pipeline", lambda job, **calls: jobs.append(job))
+    command = _get_click_command_for_local_entrypoint(modal_app.app, modal_app.main)  # `modal run`'s own parser
+    runs, _ = readme_modal_commands()
+    assert len(runs) >= 5 and "smoke" in runs[0]
+    for argv in [a for a in runs if "--hf-repo" not in a]:  # in the README's order: smoke, Phase 1, ..., seed
+        modal_app.main.info.raw_f(**command.make_context("modal run modal_app.py", argv).params)
+        todo = modal_app.todo_shards_job(jobs[-1])  # RuntimeError: refused
+        assert todo in ([], list(range(jobs[-1].shards))), argv
+        fake_collect(modal_app, jobs[-1], todo)
+    assert len({job.out for job in jobs}) == 3  # smoke, Phase 1 (+ Phase 2b), the seed's recipe
+
+
+def test_modal_fetch_command_puts_the_run_folder_in_runs(monkeypatch, tmp_path):
+    """Issue 27: `modal volume get vjepa-reacher runs/modal ./runs/modal` put files in ./runs/modal/modal/. The
+    printed fetch line goes through modal 1.6.4's own `volume get`, with a volume that is a local folder."""
+    from click.testing import CliRunner
+    from modal.cli import volume as volume_cli
+    from modal.cli.entry_point import entrypoint_cli
+    from modal.types import FileEntry, FileEntryType
+    modal_app = import_modal_app()
+    monkeypatch.setattr(modal_app, "VOLUME", str(tmp_path / "vol"))
+    job = modal_app.Job(str(tmp_path / "vol" / "runs" / "smoke"), MODAL_TINY, shards=2)
+    fake_collect(modal_app, job, range(2))
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        modal_app.run_pipeline(job, lambda job: [], None, merge=lambda job: "data")
+    fetch = out.getvalue().strip().rpartition("fetch it: ")[2]
+    assert fetch == "mkdir -p runs && modal volume get vjepa-reacher runs/smoke runs"
+    assert readme_modal_commands()[1] and all(line[-1] == "runs" for line in readme_modal_commands()[1])
+
+    class Volume:  # modal.Volume's listing and reading, on the local folder
+        from_name = classmethod(lambda cls, name, environment_name=None: cls())
+
+        async def iterdir(self, path, recursive=True):
+            for d, dirs, files in os.walk(os.path.join(modal_app.VOLUME, path)):
+                for name in dirs + files:
+                    p = os.path.join(d, name)
+                    kind = FileEntryType.DIRECTORY if os.path.isdir(p) else FileEntryType.FILE
+                    yield FileEntry(os.path.relpath(p, modal_app.VOLUME), kind, 0, os.path.getsize(p))
+
+        async def read_file(self, path):
+            yield open(os.path.join(modal_app.VOLUME, path), "rb").read()
+    monkeypatch.setattr(volume_cli, "_Volume", Volume)
+    monkeypatch.chdir(tmp_path)
+    mkdir, get = fetch.split(" && ")
+    os.makedirs(shlex.split(mkdir)[-1])
+    result = CliRunner().invoke(entrypoint_cli, shlex.split(get)[1:])
+    assert result.exit_code == 0, result.output
+    got = sorted(os.path.relpath(f, "runs/smoke") for f in glob.glob("runs/smoke/**/*.json", recursive=True))
+    assert got == sorted(os.path.relpath(f, job.out) for f in glob.glob(f"{job.out}/**/*.json", recursive=True))
+    assert len(got) == 2

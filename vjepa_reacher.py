@@ -67,7 +67,7 @@ MAX_SEED = 2 ** 31 - 1
 EXPERT_NAMES = ("p", "jacobian")
 DYNAMICS = ("mlp", "mlp_rollout5", "resblock")
 PLANS = ("random/mlp", "cem/mlp", "cem/mlp_rollout5", "cem/resblock")
-ALL = ("collect", "bc", "eval", "rl", "explore", "dynamics", "plan", "probe", "report")
+ALL = ("collect", "bc", "eval", "rl", "explore", "dynamics", "imagine", "plan", "probe", "report")
 
 # ---- The recipe: every knob where our code and the seed's differ, one row each -------------------------------------
 # `--recipe seed|ours` picks a column; `--set name=value` overrides one knob (as nanoGPT's configurator). A text
@@ -135,7 +135,8 @@ RECIPES = {"seed": {k: v.seed for k, v in KNOBS.items()}, "ours": {k: v.ours for
 # shrink the most because CEM on the 8.4M-param resblock costs ~17 GFLOP per 1,000 imagined steps.
 QUICK = dict(episodes=100, eval_episodes=20, steps=100, epochs=50, dyn_epochs=10, rollout_epochs=10,
              plan_episodes=4, plan_steps=30, rs_plan_steps=SameAs("plan_steps"), samples=64, elites=8, rs_samples=128,
-             probe_episodes=8, goal_horizon=30, rl_steps=2000, rl_eval_every=1000, rl_eval_episodes=5)
+             probe_episodes=8, goal_horizon=30, rl_steps=2000, rl_eval_every=1000, rl_eval_episodes=5, long_episodes=2,
+             imagine_steps=1000, imagine_updates=100)
 
 
 # ---- Options -----------------------------------------------------------------------------------------------------
@@ -235,7 +236,13 @@ def build_parser():
     a("--action-repeat", type=positive_int, default=2, help="SAC: each action held this many steps (DrQ: 2)")
     a("--rl-demos", action="store_true", help="SAC: also a variant with half of each batch from the demos (RLPD)")
     a("--rl-eval-every", type=positive_int, default=10_000, help="SAC: environment steps between curve points")
-    a("--rl-eval-episodes", type=positive_int, default=10, help="SAC: episodes per learning-curve point")
+    a("--rl-eval-episodes", type=positive_int, default=10, help="SAC and imagine: episodes per learning-curve point")
+    a("--imagine-steps", type=positive_int, default=60_000, help="imagine: real env steps after the Phase 2 data "
+      "(200 exploration episodes + 60k = SAC's 100k)")
+    a("--imagine-updates", type=positive_int, default=5_000, help="imagine: updates on the Phase 2 data before acting")
+    a("--long-episodes", type=checked(int, lambda v: v >= 0, "an integer >= 0"), default=50, help="episodes of "
+      "reacher-easy's own 1,000 steps per policy, for the return DMC papers report (CEM: at most --plan-episodes); 0 "
+      "skips")
     return p
 
 
@@ -287,7 +294,8 @@ import torch.nn as nn  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-import gpu  # noqa: E402  (gpu.py, report.py, rope.py and sac.py import nothing back)
+import gpu  # noqa: E402  (gpu.py, report.py, rope.py, sac.py and imagine.py import nothing back)
+import imagine  # noqa: E402
 import report  # noqa: E402
 import rope  # noqa: E402
 import sac  # noqa: E402
@@ -1142,6 +1150,12 @@ def gif_episode(seed, policy, encoder, envs, steps):
                              keep_frames=True))[0]
 
 
+def long_return(seeds, policy, encoder, envs, keep_z=True):
+    """The policy over reacher-easy's own 1,000-step episode, whose return (the sum of its 0/1 rewards, 1 inside the
+    target) DMC papers report: episode_metrics over MAX_STEPS steps on episodes `seeds`."""
+    return report.episode_metrics(list(run_episodes(seeds, policy, encoder, envs, MAX_STEPS, keep_z)), MAX_STEPS)
+
+
 # ---- Probe and embedding statistics ------------------------------------------------------------------------------
 def probe_embeddings(z, states, min_speed=1e-3):
     """Ridge probe R^2 of z (E*(T+1), D) for targets from states (E, T+1, S): finger xy, target xy, joint sin/cos,
@@ -1167,12 +1181,12 @@ def exists_skip(args, path, stage):
     return False
 
 
-def saved_and_todo(args, path, key, wanted, stage):
+def saved_and_todo(args, path, key, wanted, stage, complete=lambda entry: True):
     """The resume rule of rl, dynamics and plan, which save each part as it ends: the results saved at `path` (kept
     under --force too, so parts not asked for stay) and the parts of `wanted` to run: those missing from
-    results[key], or all of them with --force."""
+    results[key] or not complete(entry), or all of them with --force."""
     saved = load_json(path) if os.path.exists(path) else {key: {}}
-    todo = [w for w in wanted if args.force or w not in saved[key]]
+    todo = [w for w in wanted if args.force or w not in saved[key] or not complete(saved[key][w])]
     if not todo:
         print(f"{stage}: {path} has {', '.join(wanted)}; --force to redo")
     return saved, todo
@@ -1256,13 +1270,20 @@ def stage_eval(args, encoder):
     metrics, random = {}, random_policy(np.random.default_rng(args.seed))
     for name in (*EXPERT_NAMES, "random"):  # they act on the physics: no rendering, no encoding
         envs = Envs(min(len(seeds), 100), expert=name if name in EXPERTS else None)  # Envs runs the expert `name`
-        eps = run_episodes(seeds, random if name == "random" else expert_policy, load_encoder("state"), envs,
-                           args.steps, desc=name)
+        policy = random if name == "random" else expert_policy
+        eps = run_episodes(seeds, policy, load_encoder("state"), envs, args.steps, desc=name)
         metrics[name] = report.episode_metrics(list(eps), args.steps)
+        if args.long_episodes:
+            metrics[name]["standard"] = long_return(seeds[:args.long_episodes], policy, load_encoder("state"), envs,
+                                                    False)
     eps = run_episodes(seeds, bc, encoder, envs_for(args, encoder, len(seeds)), args.steps, keep_z=True,
                        desc="eval bc")
+    metrics["bc"] = report.episode_metrics(list(eps), args.steps)
+    if args.long_episodes:
+        metrics["bc"]["standard"] = long_return(seeds[:args.long_episodes], bc, encoder, envs_for(args, encoder,
+                                                                                                    len(seeds)))
     results = {"experts": {k: metrics[k] for k in EXPERT_NAMES}, "steps": args.steps,
-               "eval": {"bc": report.episode_metrics(list(eps), args.steps), "random": metrics["random"]}}
+               "eval": {"bc": metrics["bc"], "random": metrics["random"]}}
     for name, title, policy, expert in (("bc", "BC", bc, None), ("expert", f"expert {args.expert}", expert_policy,
                                                                   args.expert)):  # one more episode each, rendered
         ep = gif_episode(seeds[0], policy, encoder, Envs(1, args.frame_size, args.render == "lean", expert), args.steps)
@@ -1294,6 +1315,9 @@ def run_sac(args, encoder, data, standardisation, result, name):
     curve = sac.train(agent, play, seeds, envs.n, partial(evaluate, n=min(args.rl_eval_episodes, args.eval_episodes)),
                       args.rl_eval_every)
     result["eval"][name] = evaluate(agent, args.eval_episodes)
+    if args.long_episodes:
+        seeds = episode_seeds("eval", args.long_episodes, args.seed)
+        result["eval"][name]["standard"] = long_return(seeds, agent.greedy, encoder, eval_envs)
     result["runs"][name] = {"curve": curve, "env_steps": agent.env_steps, "updates": agent.updates,
                             "seconds": time.time() - t0}
     save_model(os.path.join(args.out, f"{name.replace('+', '_')}_actor.pt"), agent.nets["actor"], data, mean, std)
@@ -1347,6 +1371,43 @@ def stage_dynamics(args, encoder):
     print(report.dynamics_table(saved))
 
 
+def stage_imagine(args, encoder):
+    """Phase 5: an actor-critic learned in imagination through the mlp dynamics (imagine.py), from the Phase 2 data,
+    then a Dyna loop of --imagine-steps real steps; evaluated on the evaluation and the planning episodes."""
+    path = os.path.join(args.out, "imagine.json")
+    if exists_skip(args, path, "imagine"):
+        return False
+    data = load_dataset(data_dir(args, *EXPLORE), encoder, made_by="explore")
+    model, mean, std = load_checked(args, encoder, os.path.join(args.out, "dynamics_mlp.pt"), "dynamics")
+    t0, n_episodes = time.time(), math.ceil(args.imagine_steps / args.steps)
+    learner = imagine.Imagination(model, mean, std, seed=args.seed, device=args.device,
+                                  capacity=data["actions"].size // 2 + n_episodes * args.steps)
+    for e in range(len(data["z"])):  # the Phase 2 episodes: replay, and the env steps they cost
+        learner.add_episode({k: data[k][e] for k in ("z", "actions", "rewards")})
+    envs = envs_for(args, encoder, min(args.rl_envs, args.eval_episodes))
+
+    def evaluate(policy, kind="eval", n=args.eval_episodes, steps=args.steps, diagnose=False):
+        eps = list(run_episodes(episode_seeds(kind, n, args.seed), policy, encoder, envs, steps, keep_z=True))
+        return report.episode_metrics(eps, steps) | ({"diagnosis": learner.diagnose(eps)} if diagnose else {})
+    play = partial(run_episodes, policy=learner, encoder=encoder, envs=envs, steps=args.steps, keep_z=True)
+    with cpu_threads(1 if args.device == "cpu" and encoder.dim < 512 else None):
+        curve = imagine.dyna(learner, play, episode_seeds("rl", n_episodes, args.seed), envs.n,
+                             lambda agent: evaluate(agent.greedy, n=args.rl_eval_episodes),
+                             args.rl_eval_every, pretrain=args.imagine_updates)
+    seconds, learner.seconds = time.time() - t0, 0.0
+    result = {"eval": evaluate(learner.greedy, diagnose=True),
+              "plan": evaluate(learner.greedy, "plan", args.plan_episodes, args.plan_steps)}
+    result["eval"]["ms_per_action"] = 1e3 * learner.seconds / (args.steps * args.eval_episodes + args.plan_steps *
+                                                                args.plan_episodes)  # as MPC's: batched over envs
+    if args.long_episodes:
+        result["eval"]["standard"] = evaluate(learner.greedy, n=args.long_episodes, steps=MAX_STEPS)
+    save_model(os.path.join(args.out, "imagine_actor.pt"), learner.actor, data, mean, std)
+    save_json(path, dict(result, curve=curve, refits=learner.refits, env_steps=learner.env_steps, seconds=seconds,
+                         updates=learner.updates, phase2_steps=int(data["actions"].shape[0] * data["actions"].shape[1]),
+                         steps=args.steps, plan_steps=args.plan_steps))
+    print(report.imagine_section({"imagine": load_json(path), "encoder": encoder.info()}))
+
+
 def plan_goals(args, encoder, seeds, kind):
     """z_goal (B, D) for the plan episodes `seeds`, and per episode its step and finger distance.
     expert: the goal expert runs goal_horizon steps from the same start and target; the goal is what it sees at its
@@ -1397,7 +1458,8 @@ def stage_plan(args, encoder):
     soon as it finishes, and a re-run does only the missing pairs."""
     path, gif = os.path.join(args.out, "plan.json"), args.force or not os.path.exists(f"{args.out}/rollout_cem.gif")
     wanted = [c for c in args.plans if c.split("/")[1] in args.dynamics]
-    saved, todo = saved_and_todo(args, path, "plan", wanted, "plan")
+    saved, todo = saved_and_todo(args, path, "plan", wanted, "plan",  # a pair, or its 1,000-step return, missing
+                                 complete=lambda entry: not args.long_episodes or "standard" in entry)
     if not todo:
         return False
     models = {name: load_checked(args, encoder, os.path.join(args.out, f"dynamics_{name}.pt"), "dynamics")
@@ -1414,14 +1476,21 @@ def stage_plan(args, encoder):
         (z_goal, info), steps = goals[planner], args.rs_plan_steps if planner == "random" else args.plan_steps
         model, mean, std = models[name]
         mpc = make_mpc(args, planner, model, dict(zip(seeds, z_goal)), (mean, std))
-        eps = list(run_episodes(seeds, mpc, plan_encoder, envs_for(args, plan_encoder, len(seeds)), steps,
-                                keep_z=True, desc=f"plan {combo}"))
-        saved["plan"][combo], saved["plan_traces"][combo] = report.plan_metrics(eps, steps, mpc.seconds, info)
-        save_json(path, dict(saved, steps=args.plan_steps))
-        print(f"plan {combo}: success {report.fmt_rate(saved['plan'][combo])}")
+        if args.force or combo not in saved["plan"]:
+            eps = list(run_episodes(seeds, mpc, plan_encoder, envs_for(args, plan_encoder, len(seeds)), steps,
+                                    keep_z=True, desc=f"plan {combo}"))
+            saved["plan"][combo], saved["plan_traces"][combo] = report.plan_metrics(eps, steps, mpc.seconds, info)
+            save_json(path, dict(saved, steps=args.plan_steps))
+            print(f"plan {combo}: success {report.fmt_rate(saved['plan'][combo])}")
         if planner == "cem" and gif:  # the first CEM model's
             plan_gif(args, mpc, plan_encoder, seeds[0], steps, f"CEM {name}")
             gif = False
+        if args.long_episodes:  # a fresh planner: the same goals, over reacher-easy's 1,000 steps
+            long_seeds = seeds[:args.long_episodes]
+            mpc = make_mpc(args, planner, model, dict(zip(seeds, z_goal)), (mean, std))
+            long = long_return(long_seeds, mpc, plan_encoder, envs_for(args, plan_encoder, len(long_seeds)))
+            saved["plan"][combo]["standard"] = dict(long, ms_per_action=1e3 * mpc.seconds / MAX_STEPS / len(long_seeds))
+            save_json(path, dict(saved, steps=args.plan_steps))
     print(report.plan_table(dict(saved, encoder=encoder.info()), args.plan_steps))
 
 
@@ -1457,7 +1526,7 @@ def stage_report(args, encoder):
 
 STAGES = {"collect": stage_collect, "merge": stage_merge, "bc": stage_bc, "eval": stage_eval, "rl": stage_rl,
           "explore": partial(stage_collect, expert=EXPLORE[0], epsilon=EXPLORE[1]), "dynamics": stage_dynamics,
-          "plan": stage_plan, "probe": stage_probe, "report": stage_report}
+          "imagine": stage_imagine, "plan": stage_plan, "probe": stage_probe, "report": stage_report}
 
 
 # ---- Main --------------------------------------------------------------------------------------------------------
