@@ -733,8 +733,8 @@ def test_standardizer_on_known_data():
     assert (mean == 0).all() and (std == 1).all()
 
 
-FIT = dict(epochs=10, lr=1e-2, batch_size=2, weight_decay=0.0, optimizer="adamw", grad_clip=0.0,
-           schedule_step="batch", keep="best", seed=0)
+def adamw(model):
+    return torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.0)
 
 
 def test_nan_loss_stops_and_keeps_last_good_weights():
@@ -746,7 +746,7 @@ def test_nan_loss_stops_and_keeps_last_good_weights():
         loss = model(torch.ones(len(idx), 2)).pow(2).mean()
         return loss * float("nan") if calls["n"] > 3 else loss
     with pytest.raises(vr.UserError, match="loss became nan"):
-        vr.fit(model, batch_loss, 4, 4, FIT)
+        vr.fit(model, batch_loss, adamw(model), 4, 4, epochs=10, batch_size=2, keep="best")
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
@@ -762,7 +762,7 @@ def test_fit_keeps_the_best_or_the_final_epoch(keep):
             weights.append(model.weight.item())
             return (model.weight - 0.5).pow(2).sum()
         return (model.weight - 1.0).pow(2).sum()
-    fitted = vr.fit(model, batch_loss, 4, 1, dict(FIT, epochs=30, keep=keep))
+    fitted = vr.fit(model, batch_loss, adamw(model), 4, 1, epochs=30, batch_size=2, keep=keep)
     val = fitted["history"]["val"]
     assert len(val) == 30 and len(fitted["history"]["train"]) == 30
     kept = int(np.argmin(val)) if keep == "best" else 29

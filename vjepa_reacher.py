@@ -840,13 +840,11 @@ def fit(model, batch_loss, opt, n_train, n_val, epochs, batch_size, *, grad_clip
     samples; batch_loss(idx, split) -> mean loss over samples idx of 'train' or 'val'; grad_clip > 0 clips the
     gradient norm. Keeps the 'final' epoch's weights or the 'best' on validation. A non-finite loss restores the
     kept weights and stops with a UserError. Returns the history, the kept epoch and its validation loss."""
-    per_batch, params = schedule_step == "batch", sum(p.numel() for p in model.parameters())
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, epochs * (max(1, math.ceil(n_train / batch_size))
-                                                                      if per_batch else 1))
+    per_batch, g = schedule_step == "batch", torch.Generator().manual_seed(seed)
+    decay = epochs * (math.ceil(n_train / batch_size) if per_batch else 1)  # cosine to ~0 over the whole run
+    sched, params = torch.optim.lr_scheduler.CosineAnnealingLR(opt, decay), sum(p.numel() for p in model.parameters())
     small = next(model.parameters()).device.type == "cpu" and params * batch_size < 1e9
-    g = torch.Generator().manual_seed(seed)
-    kept = {"val": float("inf"), "state": copy.deepcopy(model.state_dict()), "epoch": -1}
-    history = {"train": [], "val": []}
+    history, kept = {"train": [], "val": []}, {"val": math.inf, "state": copy.deepcopy(model.state_dict()), "epoch": -1}
     for epoch in range(epochs):
         t0, losses = time.time(), []
         with cpu_threads(1 if small else None):
