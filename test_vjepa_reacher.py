@@ -198,7 +198,7 @@ def test_help_lists_every_knob_with_both_values_before_torch_loads():
     for name, knob in vr.KNOBS.items():
         line = " ".join(lines[name].split())
         assert f"seed: {knob.seed}" in line, line
-        assert f"ours: {knob.ours}" in line, line  # a SameAs shows as =name
+        assert f"ours: {knob.ours}" in line, line  # a SameAs shows as "same as name"
     options = [a for a in vr.build_parser()._actions if a.option_strings]
     assert len(options) <= 35  # issue 19: at most 35 options besides the knobs
     for a in options:

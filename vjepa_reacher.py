@@ -73,7 +73,7 @@ ALL = ("collect", "bc", "eval", "rl", "explore", "dynamics", "imagine", "plan", 
 # `--recipe seed|ours` picks a column; `--set name=value` overrides one knob (as nanoGPT's configurator). A text
 # knob takes its two columns' values and those in `also`. Files are the seed repository's (ThomasVuNguyen/Meta-s-Jepa,
 # train_robots/; gen = generate_and_encode_modal.py); shared/seed_audit.md has the rows. An `ours` of SameAs("x")
-# takes the value of option or knob x once everything else is set.
+# takes the value of option or knob x once everything else is set (--help: "same as x").
 Knob = collections.namedtuple("Knob", "seed source ours why also", defaults=((),))
 
 
@@ -81,7 +81,7 @@ class SameAs(collections.namedtuple("SameAs", "name")):
     """An `ours` that takes the value of option or knob `name`: random shooting runs as long as CEM, say."""
 
     def __str__(self):
-        return f"={self.name}"
+        return f"same as {self.name}"
 
 
 KNOBS = {
