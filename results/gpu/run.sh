@@ -9,8 +9,8 @@
 # (JSON, markdown, plots, GIFs), never weights or data. On a lent GPU, from the repo root, with the kit carried
 # (`carry: [".whl", ".gl"]`, see shared/gpu/README.md), one call per part, in order:
 #   source .gl/on-device.sh && bash results/gpu/run.sh $OUT bench      (then compile, phase1, phase2)
-# then copy $OUT/*-GPU/ to results/. Tried here, each part in turn, as:
-#   DEVICE=cpu ENCODER=tiny QUICK=1 bash results/gpu/run.sh runs/gpu-dry PART
+# then copy $OUT/*-GPU/ to results/. Tried here, each part in turn, as (a busy 2-core CPU needs more than 450 s):
+#   DEVICE=cpu ENCODER=tiny QUICK=1 PART_LIMIT=1200 bash results/gpu/run.sh runs/gpu-dry PART
 set -euo pipefail
 out=${1:?usage: run.sh OUT bench|compile|phase1|phase2} part=${2:?usage: run.sh OUT bench|compile|phase1|phase2}
 device=${DEVICE:-cuda} episodes=${EPISODES:-32} encoder=${ENCODER:-vitl} quick=${QUICK:+--quick}
