@@ -92,8 +92,8 @@ class Imagination:
         # refit 500 steps at 3e-4: warm-started, enough to take in the states the actor newly reaches.
         assert actor_grad in ("dynamics", "reinforce")
         self.horizon, self.gamma, self.lam, self.actor_grad, self.entropy = horizon, gamma, lam, actor_grad, entropy
-        self.batch_size, self.slow_rate, self.grad_clip, self.refit_steps = batch_size, slow_rate, grad_clip, refit_steps
-        self.device, self.action_dim, self.val_every = device, action_dim, val_every
+        self.batch_size, self.slow_rate, self.grad_clip = batch_size, slow_rate, grad_clip
+        self.device, self.refit_steps, self.val_every = device, refit_steps, val_every
         self.mean = torch.as_tensor(mean, dtype=torch.float32, device=device)
         self.std = torch.as_tensor(std, dtype=torch.float32, device=device)
         dim = self.mean.numel()

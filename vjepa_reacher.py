@@ -135,7 +135,7 @@ RECIPES = {"seed": {k: v.seed for k, v in KNOBS.items()}, "ours": {k: v.ours for
 # shrink the most because CEM on the 8.4M-param resblock costs ~17 GFLOP per 1,000 imagined steps.
 QUICK = dict(episodes=100, eval_episodes=20, steps=100, epochs=50, dyn_epochs=10, rollout_epochs=10,
              plan_episodes=4, plan_steps=30, rs_plan_steps=SameAs("plan_steps"), samples=64, elites=8, rs_samples=128,
-             probe_episodes=8, goal_horizon=30, rl_steps=2000, rl_eval_every=1000, rl_eval_episodes=5, long_episodes=2,
+             probe_episodes=8, goal_horizon=30, rl_steps=2000, rl_eval_every=1000, rl_eval_episodes=5, long_episodes=0,
              imagine_steps=1000, imagine_updates=100)
 
 
@@ -242,7 +242,7 @@ def build_parser():
     a("--imagine-updates", type=positive_int, default=5_000, help="imagine: updates on the Phase 2 data before acting")
     a("--long-episodes", type=checked(int, lambda v: v >= 0, "an integer >= 0"), default=50, help="episodes of "
       "reacher-easy's own 1,000 steps per policy, for the return DMC papers report (CEM: at most --plan-episodes); 0 "
-      "skips")
+      "skips, as --quick does")
     return p
 
 
@@ -1391,7 +1391,8 @@ def stage_imagine(args, encoder):
     with cpu_threads(1 if args.device == "cpu" and encoder.dim < 512 else None):
         curve = imagine.dyna(learner, play, episode_seeds("rl", n_episodes, args.seed), envs.n,
                              lambda agent: evaluate(agent.greedy, n=args.rl_eval_episodes),
-                             args.rl_eval_every, pretrain=args.imagine_updates)
+                             args.rl_eval_every, pretrain=args.imagine_updates,
+                             first_fit=min(2_000, args.imagine_updates))  # the reward head's first fit: fewer in smoke
     seconds, learner.seconds = time.time() - t0, 0.0
     result = {"eval": evaluate(learner.greedy, diagnose=True),
               "plan": evaluate(learner.greedy, "plan", args.plan_episodes, args.plan_steps)}
