@@ -303,7 +303,7 @@ from report import UserError, atomic_path, load_json, save_json  # noqa: E402
 
 
 def save_model(path, model, data, mean, std, **extra):
-    """state_dict + plain metadata (data's encoder and look, input standardisation) for torch.load(weights_only)."""
+    """state_dict + plain metadata (data's encoder and look, input standardisation): loadable with weights_only."""
     meta = dict(encoder=data["meta"]["encoder"], render=data["meta"].get("render"), mean=mean.tolist(),
                 std=std.tolist(), **extra)
     with atomic_path(path) as tmp:
