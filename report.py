@@ -14,6 +14,7 @@ import os
 import tempfile
 
 import numpy as np
+from scipy import stats
 
 SUCCESS_RADIUS = 0.06  # reacher-easy: reward 1 inside target radius 0.05 + finger radius 0.01
 
@@ -71,15 +72,13 @@ def load_json(path, made_by=None):
         raise UserError(f"{path} is corrupted ({e}); delete it and re-run the stage that made it")
 
 
-# ---- Statistics ------------------------------------------------------------------------------------------------------
-def wilson(k, n, z=1.96):
-    """95% Wilson score interval for k successes in n trials."""
+# ---- Statistics: scipy.stats, which dm_control already requires ----------------------------------------------------
+def wilson(k, n):
+    """95% Wilson score interval for k successes in n trials (scipy's binomtest)."""
     if n == 0:
         return (0.0, 1.0)
-    p = k / n
-    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return (max(0.0, centre - half), min(1.0, centre + half))
+    ci = stats.binomtest(k, n).proportion_ci(confidence_level=0.95, method="wilson")
+    return (float(ci.low), float(ci.high))
 
 
 def mean_ci(x):
@@ -89,25 +88,18 @@ def mean_ci(x):
     return float(x.mean()), float(half)
 
 
-T_975 = [12.71, 4.30, 3.18, 2.78, 2.57, 2.45, 2.36, 2.31, 2.26, 2.23, 2.20, 2.18, 2.16, 2.14, 2.13, 2.12, 2.11,
-         2.10, 2.09, 2.09, 2.08, 2.07, 2.07, 2.06, 2.06, 2.06, 2.05, 2.05, 2.05, 2.04]  # Student t, 2-sided 95%, df 1-30
-
-
 def across_seeds(values):
-    """Mean and 95% t-interval half-width of per-seed values."""
+    """Mean and 95% t-interval half-width of per-seed values (one value a seed: each episode counted once)."""
     x = np.asarray(values, dtype=np.float64)
     if len(x) < 2:
         return float(x.mean()), float("nan")
-    return float(x.mean()), float(T_975[min(len(x), 31) - 2] * x.std(ddof=1) / math.sqrt(len(x)))
+    return float(x.mean()), float(stats.t.ppf(0.975, len(x) - 1) * x.std(ddof=1) / math.sqrt(len(x)))
 
 
 def fisher_exact(k1, n1, k2, n2):
-    """Two-sided Fisher exact test of k1 successes in n1 against k2 in n2: the total probability, with both margins
-    fixed, of every table no more likely than the observed one (the hypergeometric point probabilities)."""
-    k, n = k1 + k2, n1 + n2
-    prob = {i: math.comb(k, i) * math.comb(n - k, n1 - i) / math.comb(n, n1)
-            for i in range(max(0, k - n2), min(k, n1) + 1)}
-    return min(1.0, sum(p for p in prob.values() if p <= prob[k1] * (1 + 1e-9)))
+    """Two-sided Fisher exact test of k1 successes in n1 against k2 in n2 (scipy's)."""
+    return float(stats.fisher_exact([[k1, n1 - k1], [k2, n2 - k2]])[1])
+
 
 def episode_metrics(episodes, steps):
     """success: reward 1 at the last step (finger inside target). seed_success: return > 150 per 200 steps."""
@@ -535,41 +527,52 @@ def headline(results):
     return numbers
 
 
-def seed_entry(values):
-    """One headline measure across seeds: per-seed values, mean, 95% t-interval; for a success rate also the
-    pooled Wilson interval over all episodes and the return's mean and interval."""
+def seed_entry(name, values):
+    """One headline measure across seeds, each episode counted once: per-seed values and the mean with the 95%
+    t-interval of the seed means; for a success rate also each seed's Wilson interval over its own n episodes and
+    the return's mean. An expert is one evaluation (it does not depend on the training seed): its first seed's."""
     key = "value" if "value" in values[0] else "success"
+    if name.startswith("expert ") and all(v == values[0] for v in values):
+        values = values[:1]
     mean, half = across_seeds([v[key] for v in values])
     entry = {"per_seed": [v[key] for v in values], "mean": mean, "ci95_across_seeds": half}
     if key == "success":
-        k = sum(round(v["success"] * v["n"]) for v in values)
-        entry["pooled_wilson"] = wilson(k, sum(v["n"] for v in values))
+        entry["wilson_per_seed"] = [wilson(round(v["success"] * v["n"]), v["n"]) for v in values]
+        entry["n_per_seed"] = [v["n"] for v in values]
         entry["return"] = dict(zip(("mean", "ci95_across_seeds"), across_seeds([v["return"] for v in values])))
     return entry
 
 
 def seed_row(name, entry):
     """A row of seeds.md: success rates in %, other measures (probe R^2) as they are."""
-    if "pooled_wilson" not in entry:
+    if "wilson_per_seed" not in entry:
         return [name, " ".join(f"{x:.2f}" for x in entry["per_seed"]),
                 f"{entry['mean']:.2f} ± {entry['ci95_across_seeds']:.2f}", "", ""]
-    lo, hi = entry["pooled_wilson"]
-    ret = entry["return"]
+    cis = [f"[{100 * lo:.0f}, {100 * hi:.0f}]" for lo, hi in entry["wilson_per_seed"]]
+    n, ret = entry["n_per_seed"], entry["return"]
+    if len(entry["per_seed"]) == 1:  # an expert: one evaluation
+        return [name, f"{100 * entry['mean']:.0f} (every seed)", "one evaluation", f"{cis[0]} (n = {n[0]})",
+                f"{ret['mean']:.1f}"]
+    wilsons = f"{cis[0]} each" if len(set(cis)) == 1 else " ".join(cis)
     return [name, " ".join(f"{100 * x:.0f}" for x in entry["per_seed"]),
-            f"{100 * entry['mean']:.1f} ± {100 * entry['ci95_across_seeds']:.1f}", f"[{100 * lo:.0f}, {100 * hi:.0f}]",
+            f"{100 * entry['mean']:.1f} ± {100 * entry['ci95_across_seeds']:.1f}",
+            wilsons + (f" (n = {n[0]})" if len(set(n)) == 1 else ""),
             f"{ret['mean']:.1f} ± {ret['ci95_across_seeds']:.1f}"]
 
 
 def aggregate_seeds(out, seeds):
-    """OUT/seeds.json and seeds.md from OUT/seed_S/results.json: per seed, mean ± 95% across seeds, and the
-    pooled Wilson interval over all episodes (evaluation episodes are shared, so seeds are paired)."""
-    per_seed = {s: headline(load_json(os.path.join(out, f"seed_{s}", "results.json"), made_by="report")) for s in seeds}
+    """OUT/seeds.json and seeds.md from OUT/seed_S/results.json: per seed (its Wilson interval over its episodes)
+    and the mean ± 95% t-interval across seeds. Evaluation episodes are shared, so seeds are paired and no
+    episode is counted twice; the experts, the same for every seed, are one evaluation."""
+    per_seed = {s: headline(load_json(os.path.join(out, f"seed_{s}", "results.json"), made_by="report"))
+                for s in seeds}
     names = [k for k in per_seed[seeds[0]] if all(k in per_seed[s] for s in seeds)]
-    table = {name: seed_entry([per_seed[s][name] for s in seeds]) for name in names}
+    table = {name: seed_entry(name, [per_seed[s][name] for s in seeds]) for name in names}
     save_json(os.path.join(out, "seeds.json"), {"seeds": seeds, "headline": table, "per_seed": per_seed})
-    text = (f"Training seeds {seeds}; evaluation episodes shared across seeds. Success in %.\n\n" +
-            md_table(["measure", "per seed", "mean ± 95% across seeds", "pooled Wilson 95% (all episodes)",
-                      "return, mean ± 95%"], [seed_row(name, entry) for name, entry in table.items()]) + "\n")
+    text = (f"Training seeds {seeds}; evaluation episodes shared across seeds, so each is counted once: per seed "
+            "its Wilson interval over its n episodes, across seeds the t-interval of the seed means. Success in %."
+            "\n\n" + md_table(["measure", "per seed", "mean ± 95% across seeds (t)", "Wilson 95% per seed",
+                                "return, mean ± 95%"], [seed_row(k, entry) for k, entry in table.items()]) + "\n")
     write_text(os.path.join(out, "seeds.md"), text)
     links = " ".join(f"[seed {s}](seed_{s}/report.md)" for s in seeds)
     first = load_json(os.path.join(out, f"seed_{seeds[0]}", "config.json"))

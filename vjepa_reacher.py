@@ -100,8 +100,10 @@ KNOBS = {
     "rollout_loss": Knob("weighted", "multistep ~177-187", "sum", "seed: step h weighs (h+1)/k/k, ~0.6x one step"),
     "rollout_sampling": Knob("one-start", "multistep ~105-110, 170", "every-start", "~30x more updates an epoch"),
     "rollout_epochs": Knob(150, "multistep ~106", 100, "epochs of mlp_rollout5"),
+    "rollout_val": Knob("every-10th", "multistep ~211", "every-start", "mlp_rollout5's validation starts"),
     "resblock_relu": Knob("on", "resblock ~68-71", "off", "ReLU(x + net(x)) clips the residual stream at 0"),
     "cem_init_std": Knob(0.5, "mpc_planner.py ~74-99", 1.0, "covers the action box [-1, 1] at first"),
+    "elite_std": Knob("unbiased", "mpc_planner.py ~99", "biased", "the elites' std: torch's default, or /n"),
     "warm_tail": Knob("zero", "mpc_planner.py ~76-80", "repeat", "shifted mean's new last step, as TD-MPC2"),
     "cost": Knob("weighted", "mpc_planner.py ~104-114", "final", "L2 to the goal at the end, or (t+1)/H-weighted"),
     "execute": Knob("best", "mpc_planner.py ~94-102", "mean", "first action of the elite mean or the best sample"),
@@ -111,6 +113,7 @@ KNOBS = {
     "goal_horizon": Knob(300, "mpc_planner.py ~117-142", SameAs("plan_steps"), "steps the goal expert runs"),
     "goal_form": Knob("frame", "mpc_planner.py ~117-142", "window", "closest frame x8, or the window there"),
     "mpc_obs": Knob("frame", "mpc_planner.py ~41-48", "window", "current frame x8, or the window it trained on"),
+    "demo_expert": Knob("p", "gen at 8c91016 ~133", SameAs("expert"), "BC's demo expert", ("jacobian",)),
     "rs_goal": Knob("random-run", "mpc_planner.py at ebcc18d ~57-144", "expert", "seed's shows another target"),
     "frame_size": Knob(256, "gen ~74-78", 256, "frame size for data, BC and RL"),
     "plan_frame_size": Knob(224, "mpc_planner.py ~31-35", SameAs("frame_size"), "frame size of goals and MPC"),
@@ -122,7 +125,7 @@ KNOBS = {
                            ("half", "auto")),
     "encoder_forward": Knob("full", "gen ~89-106", "encoder", "the predictor adds compute, not embedding"),
     "plan_dtype": Knob("fp32", "mpc_planner.py", "fp32", "planning rollouts (bf16: fp16 on CUDA)", ("bf16",)),
-    "train_dtype": Knob("fp32", "train_dynamics.py", "fp32", "dynamics training (bf16: autocast, 1.5x on this CPU)",
+    "train_dtype": Knob("fp32", "train_dynamics.py", "fp32", "bf16: autocast (timed: results/state-seed)",
                         ("bf16",)),
     "plan_graph": Knob("off", "mpc_planner.py", "off", "CEM's iterations as one CUDA graph (opt-in: never yet run on "
                        "a GPU)", ("on",)),
@@ -136,7 +139,7 @@ RECIPES = {"seed": {k: v.seed for k, v in KNOBS.items()}, "ours": {k: v.ours for
 QUICK = dict(episodes=100, eval_episodes=20, steps=100, epochs=50, dyn_epochs=10, rollout_epochs=10,
              plan_episodes=4, plan_steps=30, rs_plan_steps=SameAs("plan_steps"), samples=64, elites=8, rs_samples=128,
              probe_episodes=8, goal_horizon=30, rl_steps=2000, rl_eval_every=1000, rl_eval_episodes=5, long_episodes=0,
-             imagine_steps=1000, imagine_updates=100)
+             imagine_steps=1000, imagine_updates=400)
 
 
 # ---- Options -----------------------------------------------------------------------------------------------------
@@ -263,6 +266,9 @@ def resolve_knobs(args, typed):
             setattr(args, k, v)
     for k, v in args.set:
         setattr(args, k, v)
+    if "expert" in typed and "demo_expert" not in typed:  # a typed --expert beats the recipe's demo expert
+        args.demo_expert = args.expert
+    args.expert = args.expert if isinstance(args.demo_expert, SameAs) else args.demo_expert  # the demo expert
     for k in KNOBS:  # SameAs("x") -> x's value; no SameAs points at another SameAs
         if isinstance(getattr(args, k), SameAs):
             setattr(args, k, getattr(args, getattr(args, k).name))
@@ -976,7 +982,7 @@ def dynamics_split(n_episodes, args):
 def train_dynamics(name, data, args, epochs):
     """SmoothL1 on z_{t+1..t+k}, unrolled k steps on the model's own predictions (k = 5 for mlp_rollout5).
     rollout_sampling 'every-start' trains on every (episode, start); 'one-start' on batches of 64 training episodes
-    sharing one random start, as the seed's Phase 4c. Validation always uses every start."""
+    sharing one random start, as the seed's Phase 4c. rollout_val 'every-10th' validates on t0 in range(0, T-k, 2k)."""
     torch.manual_seed(args.seed)  # the initial weights: every other draw has its own seeded generator
     z, actions, device = data["z"], data["actions"], args.device
     E, T = actions.shape[:2]
@@ -984,8 +990,8 @@ def train_dynamics(name, data, args, epochs):
     train_eps, val_eps = dynamics_split(E, args)
     mean, std = standardizer(z, train_eps, args.dyn_norm == "train")
     mean_t, std_t = torch.from_numpy(mean), torch.from_numpy(std)
-    starts = {s: np.array([(e, t) for e in eps for t in range(T - k + 1)]) for s, eps in
-              (("train", train_eps), ("val", val_eps))}
+    starts = {s: np.array([(e, t) for e in eps for t in range(0, T - k + (n == 1) or 1, n)]) for s, eps, n in
+              (("train", train_eps, 1), ("val", val_eps, 2 * k if k > 1 and args.rollout_val == "every-10th" else 1))}
     # the seed's k-step loss weighs step h by (h+1)/k and divides the sum by k: ~0.6x one step's, not k times
     weights = [1.0] * k if args.rollout_loss == "sum" else [(h + 1) / k / k for h in range(k)]
     model = Dynamics(name, z.shape[-1], args.resblock_relu == "on").to(device)
@@ -1039,14 +1045,15 @@ def kstep_error(model, z, actions, episodes, model_space, common, k_max=10):
 
 # ---- Planners: CEM and random shooting (CEM with one iteration), batched over episodes ---------------------------
 def cem(cost_fn, batch, horizon, action_dim=2, samples=500, elites=50, iterations=5, mean=None, std=None,
-        init_std=1.0, min_std=0.05, uniform_first=False, generator=None, device="cpu", noise=None):
+        init_std=1.0, min_std=0.05, uniform_first=False, generator=None, device="cpu", noise=None, unbiased=False):
     """Cross-entropy method over action sequences, for `batch` independent problems at once.
 
     cost_fn(actions (batch, samples, horizon, action_dim)) -> costs (batch, samples).
     1. sample `samples` sequences from N(mean, std) (uniform in [-1, 1] on the first iteration if
        uniform_first), clamped to the action bounds;
     2. score them with cost_fn and keep the `elites` lowest-cost sequences (topk);
-    3. refit mean and std to the elites, std clamped below at min_std; repeat `iterations` times.
+    3. refit mean and std to the elites (std over n, or n - 1 if unbiased), clamped below at min_std; repeat
+       `iterations` times.
     Returns (the lowest-cost sequence seen in any iteration (batch, horizon, A), mean, std).
     With iterations=1, elites=1 and uniform_first=True this is random shooting. noise: the standard normal draws
     (iterations, batch, samples, horizon, A) made up front, e.g. for a CUDA graph; else drawn from `generator`.
@@ -1069,7 +1076,7 @@ def cem(cost_fn, batch, horizon, action_dim=2, samples=500, elites=50, iteration
         best = elite[:, 0] if best is None else torch.where(better[:, None, None], elite[:, 0], best)
         best_cost = torch.minimum(best_cost, elite_cost[:, 0])
         mean = elite.mean(1)
-        std = elite.std(1, unbiased=False).clamp_min(min_std) if elites > 1 else torch.full_like(mean, min_std)
+        std = elite.std(1, unbiased=unbiased).clamp_min(min_std) if elites > 1 else torch.full_like(mean, min_std)
     return best, mean, std
 
 
@@ -1444,7 +1451,7 @@ def make_mpc(args, planner, model, z_goal, standardisation):
         settings = dict(horizon=args.horizon, samples=args.rs_samples, elites=1, iterations=1, uniform_first=True)
     else:  # seed: horizon 10, 500 samples, 50 elites, 5 iterations
         settings = dict(horizon=args.horizon, samples=args.samples, elites=args.elites, iterations=args.iterations,
-                        init_std=args.cem_init_std)
+                        init_std=args.cem_init_std, unbiased=args.elite_std == "unbiased")
     # the seed's random shooting scored the last step alone, with its random-run goal: --recipe seed keeps both
     cost = "final" if planner == "random" and args.rs_goal == "random-run" else args.cost
     return MPC(model.to(args.device), z_goal, standardisation, settings, cost=cost, execute=args.execute,

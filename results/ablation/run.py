@@ -59,7 +59,7 @@ ROWS = {"base": (None, None, RETRAIN),
         "rollout_sampling": ("rollout_sampling", "one-start", ["dynamics", "plan"], ["cem/mlp_rollout5"]),
         "rollout_epochs": ("rollout_epochs", "150", ["dynamics", "plan"], ["cem/mlp_rollout5"]),
         # The knob that acts only on the resblock, against our recipe's own resblock on base_models' data. Both
-        # train under bf16 autocast (the train_dtype knob, 1.5x here) to fit this CPU.
+        # train under bf16 autocast (the train_dtype knob; state-seed/train_dtype_timing.json) to fit this CPU.
         "base_resblock": (None, None, ["dynamics", "plan"], ["cem/resblock"]),
         "resblock_relu": ("resblock_relu", "on", ["dynamics", "plan"], ["cem/resblock"])}
 MODEL_BASES = {"cem/mlp_rollout5": "base_models", "cem/resblock": "base_resblock"}  # planner: its base row

@@ -31,19 +31,20 @@ def nearest(curve, step):
     return min(curve, key=lambda c: abs(c["step"] - step))
 
 
-def across(values, fmt="{:.0f}", scale=1.0):
+def across(values, fmt="{:.0f}", scale=1.0, unit=""):
     """mean ± 95% t-interval over seeds, or the one value."""
     values = [v for v in values if v is not None]
     if not values:
         return "-"
     mean, half = report.across_seeds([scale * v for v in values])
-    return fmt.format(mean) + (f" ± {fmt.format(half)}" if len(values) > 1 else "") + f" (seeds: {len(values)})"
+    return (fmt.format(mean) + (f" ± {fmt.format(half)}" if len(values) > 1 else "") + unit +
+            f" ({len(values)} seed{'s' * (len(values) > 1)})")
 
 
 def rate_row(label, steps, metrics, n_text, long=None, ms=None):
     """A row of the equal-steps table: success per seed with its Wilson interval, then the t-interval over seeds."""
     per_seed = " ".join(report.fmt_rate(m) for m in metrics)
-    return [label, f"{steps:,}", across([m["success"] for m in metrics], scale=100) + "%", per_seed, n_text,
+    return [label, f"{steps:,}", across([m["success"] for m in metrics], scale=100, unit="%"), per_seed, n_text,
             across([m["return"] for m in metrics], "{:.1f}"), long or "-", ms or "-"]
 
 
@@ -78,7 +79,8 @@ def equal_steps():
                              "10 eval"))
         rows.append(rate_row("SAC from reward alone", rl[0]["runs"]["rl"]["env_steps"],
                              [r["eval"]["rl"] for r in rl], "100 eval",
-                             long_text([r["eval"]["rl"].get("standard") for r in rl])))
+                             long_text([r["eval"]["rl"].get("standard") for r in rl]), "as the actor-critic's (the "
+                             "same actor net)"))
     if all(im):
         rows.append(rate_row("actor-critic in imagination, after Dyna", im[0]["env_steps"], [m["eval"] for m in im],
                              "100 eval", long_text([m["eval"].get("standard") for m in im]),
@@ -95,11 +97,11 @@ def field():
     rl, im = [load(s, "rl.json") for s in SEEDS], [load(s, "imagine.json") for s in SEEDS]
     ours = []
     if all(ev):
-        for name, get in (("expert `p` (the seed's P-controller)", lambda e: e["experts"]["p"]),
-                          ("expert `jacobian` (ours)", lambda e: e["experts"]["jacobian"]),
-                          ("BC on the oracle embedding", lambda e: e["eval"]["bc"]),
-                          ("random", lambda e: e["eval"]["random"])):
-            ours.append([name, long_text([get(e).get("standard") for e in ev]), "this code, `state` oracle"])
+        for name, key in (("expert `p` (the seed's P-controller)", "p"), ("expert `jacobian` (ours)", "jacobian")):
+            ours.append([name, long_text([ev[0]["experts"][key].get("standard")]), "this code; one evaluation (an "
+                         "expert does not depend on the training seed)"])
+        for name, key in (("BC on the oracle embedding", "bc"), ("random", "random")):
+            ours.append([name, long_text([e["eval"][key].get("standard") for e in ev]), "this code, `state` oracle"])
     if all(rl):
         ours.append(["SAC from reward alone, 100k steps", long_text([r["eval"]["rl"].get("standard") for r in rl]),
                      "this code, `state` oracle"])
@@ -108,7 +110,7 @@ def field():
                      long_text([m["eval"].get("standard") for m in im]), "this code, `state` oracle"])
     cem = (load(0, "plan.json") or {}).get("plan", {}).get("cem/mlp", {}).get("standard")
     if cem:
-        ours.append(["CEM/mlp, 40k steps of data", long_text([cem]), "this code, `state` oracle, seed 0 only"])
+        ours.append(["CEM/mlp, 40k steps of data", long_text([cem]), "this code, `state` oracle, 2 planning episodes"])
     theirs = [[name, f"{ret} (mean of {n} seeds)", f"`{src}`"] for name, src, ret, n in PUBLISHED]
     return report.md_table(["policy", "return over reacher-easy's 1,000 steps", "source"], ours + theirs)
 
@@ -127,7 +129,8 @@ def plot():
                         label=f"{label}, seed {s}")
     ax.set(xlabel="environment steps (the actor-critic's include its Phase 2 data)", ylabel="success % (10 episodes)",
            ylim=(-5, 105), title="Learning curves on the state oracle")
-    ax.legend(fontsize=6, ncol=2)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=6, ncol=2)
     fig.savefig(os.path.join(HERE, "curves.png"), dpi=90, bbox_inches="tight")
 
 

@@ -3,8 +3,9 @@
 # episodes of 200 steps, BC 100 epochs, mlp 100 epochs and mlp_rollout5 150 (train_dynamics.py, multistep), then
 # random shooting (100 steps) and CEM (200 steps) at the seed's sizes on 50 episodes each. Planning rollouts in
 # bf16 (the plan_dtype knob) to fit this 2-core CPU. The resblock trains its 150 epochs (47k updates of 8.4M
-# parameters) under bf16 autocast (the train_dtype knob, 1.5x here) for the k-step table; CEM on it at the seed's
-# sizes is out of reach here. From the repo root; rerunning skips finished stages, models and planners:
+# parameters) under bf16 autocast (the train_dtype knob; 2.1x a resblock epoch here, train_dtype_timing.json)
+# for the k-step table; CEM on it at the seed's sizes is out of reach here. From the repo root; rerunning skips
+# finished stages, models and planners:
 #   bash results/state-seed/run.sh > runs/state-seed.log 2>&1
 set -euo pipefail
 cd "$(dirname "$0")/../.."
