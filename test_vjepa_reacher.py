@@ -1102,7 +1102,7 @@ def test_mpc_moves_a_linear_system_to_its_goal():
 def knob_values(name):
     """The seed's value and another: ours, or where ours is the same (or follows an option) the knob's `also`."""
     knob = vr.KNOBS[name]
-    return knob.seed, knob.ours if knob.ours not in (None, knob.seed) else knob.also[0]
+    return knob.seed, knob.ours if not isinstance(knob.ours, vr.SameAs) and knob.ours != knob.seed else knob.also[0]
 
 
 def scaled_linear_data(E=10, T=40, D=4):
@@ -1160,8 +1160,9 @@ def planned(name, value):
                           "--iterations", "2", "--set", f"{name}={value}"])
     torch.manual_seed(0)
     model, goal = vr.Dynamics("mlp", 4).eval(), np.ones(4, np.float32)
-    mpc = vr.MPC(model, {0: goal, 1: -goal}, np.zeros(4, np.float32), np.ones(4, np.float32), args, "cem")
-    return np.stack([mpc(np.zeros((2, 4), np.float32), {"seed": [0, 1]}) for _ in range(2)]), bool(mpc.graphs)
+    mpc = vr.make_mpc(args, "cem", model, {0: goal, 1: -goal}, (np.zeros(4, np.float32), np.ones(4, np.float32)))
+    return (np.stack([mpc(np.zeros((2, 4), np.float32), {"seed": [0, 1], "step": t}) for t in range(2)]),
+            mpc.graph is not None)
 
 
 @pytest.mark.parametrize("name", ["cem_init_std", "elite_std", "warm_tail", "cost", "execute", "plan_dtype",
