@@ -22,6 +22,7 @@ import time
 from functools import partial
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+MEASURES = ("render", "loops_vs_seed", "encoder_tiny", "encoder_vitl", "compile", "cem_ms_per_step", "train_epoch")
 
 
 def parse_args(argv=None):
@@ -30,6 +31,7 @@ def parse_args(argv=None):
     p.add_argument("--quick", action="store_true", help="smoke sizes: batch 8, no ViT-L, small CEM and training")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="default auto: cuda if available")
     p.add_argument("--compile", action="store_true", help="also time torch.compile of the pipeline's encoder")
+    p.add_argument("--only", nargs="+", choices=MEASURES, help="only these measurements (the matmul peak always)")
     p.add_argument("--out", help="folder for bench.json and bench.md (default results/; --quick: runs/bench-quick)")
     args = p.parse_args(argv)
     args.command = shlex.join(["python", "bench.py"] + argv)
@@ -40,7 +42,9 @@ if __name__ == "__main__":
     parse_args()  # --help and bad options answer here, before torch loads
 
 import vjepa_reacher as vr  # noqa: E402  (first: it sets MUJOCO_GL and OMP_WAIT_POLICY before torch loads)
+import gpu  # noqa: E402
 import numpy as np  # noqa: E402
+import rope  # noqa: E402
 import torch  # noqa: E402
 from report import md_table, save_json, write_text  # noqa: E402
 
@@ -105,10 +109,11 @@ def encoder_flops(config, frames=vr.WINDOW, size=SIZE):
 
 def vitl_encoder(device, batch):
     """V-JEPA 2 ViT-L with random weights: VJEPA2Config()'s defaults are ViT-L/16 at 256 px (1024 wide, 24 layers,
-    16 heads), so the compute is the real model's without a 1.3 GB download. SDPA attention, as load_pretrained."""
+    16 heads), so the compute is the real model's without a 1.3 GB download. SDPA attention, as load_pretrained,
+    and rope.py's cached rotary tables, as load_encoder installs them."""
     from transformers import VJEPA2Config
     model = vr.random_vjepa2(VJEPA2Config(attn_implementation="sdpa"), 0).to(device).eval().requires_grad_(False)
-    return vr.Encoder("vitl-random", 1024, model, device, "fp32", batch_size=batch)
+    return vr.Encoder("vitl-random", 1024, model, device, "fp32", batch_size=batch, rope=rope.install(model, "input"))
 
 
 # ---- The seed's loops, replicated for timing (ThomasVuNguyen/Meta-s-Jepa, train_robots/ at 8c91016) --------------
@@ -120,7 +125,7 @@ def seed_frame(physics):
 def seed_tensor(frame):
     """The seed's ET(Image.fromarray(frame)): ToTensor and ImageNet Normalize, (3, H, W) float32 on the CPU.
     Its Resize((256, 256)) is a no-op on 256 px frames; `preprocess` computes the same normalisation."""
-    return vr.preprocess(torch.from_numpy(frame[None, None]), torch.float32)[0, 0]
+    return vr.preprocess(torch.from_numpy(frame[None, None]), *vr.Encoder("seed", 3).normalize)[0, 0]
 
 
 @torch.no_grad()
@@ -245,32 +250,34 @@ def measure_encoder(encoder, windows, peak, quick):
 
 
 def measure_cem(device, peak, quick):
-    """One CEM call for all episodes of a control step at the seed's sizes on the 1.58M-param mlp (D = 1024), fp32 vs
-    autocast, interleaved; the FLOP floor at the measured peak; how far autocast moves the first action (same noise)."""
+    """One CEM call for all episodes of a control step at the seed's sizes on the 1.58M-param mlp (D = 1024),
+    interleaved: `cem` in fp32 and under each autocast; on CUDA also with an fp16 copy of the net ('half'), and the
+    planner as `plan` runs it with the 10 ms goal's settings ('mpc': MPC with the fp16 copy, TF32 and its CUDA graph,
+    standardising and returning actions to the host). The FLOP floor at the measured peak; how far each side moves
+    the first action of the elite mean from fp32's (the same noise, but for 'mpc', which draws its noise up front)."""
     episodes, samples, elites, iterations = (2, 64, 8, 2) if quick else (20, 500, 50, 5)  # seed: 500, 50, 5
-    horizon = 10  # seed: horizon 10
+    settings = dict(horizon=10, samples=samples, elites=elites, iterations=iterations)  # seed: horizon 10
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         model = vr.Dynamics("mlp", 1024).to(device).eval().requires_grad_(False)
         z, z_goal = torch.randn(2, episodes, 1024).to(device)
-    sizes = dict(samples=samples, elites=elites, iterations=iterations, device=device)
-    sides = {p: partial(vr.cem, vr.latent_cost(model, z, z_goal, "final", DTYPES[p]), episodes, horizon,
-                        generator=torch.Generator(device).manual_seed(0), **sizes) for p in PRECISIONS[device]}
-    if device == "cuda":  # the planner's CUDA paths: an fp16 copy of the net (no autocast), and the CUDA graph
-        sides["half"] = partial(vr.cem, vr.latent_cost(copy.deepcopy(model).half(), z, z_goal), episodes, horizon,
-                                generator=torch.Generator(device).manual_seed(0), **sizes)
-        args = argparse.Namespace(**vr.RECIPES["ours"], **sizes, horizon=horizon, seed=0, plan_graph="on")
-        mpc = vr.MPC(model, {}, np.zeros(1024, np.float32), np.ones(1024, np.float32), args, "cem")
-        sides["graph"] = partial(mpc.static_cem, z, z_goal, torch.zeros(episodes, horizon, 2, device=device))
+    sides = {p: partial(vr.cem, vr.latent_cost(model, z, z_goal, "final", DTYPES[p]), episodes, device=device,
+                        generator=torch.Generator(device).manual_seed(0), **settings) for p in PRECISIONS[device]}
+    if device == "cuda":
+        sides["half"] = partial(vr.cem, vr.latent_cost(copy.deepcopy(model).half(), z, z_goal), episodes,
+                                generator=torch.Generator(device).manual_seed(0), device=device, **settings)
+        mpc = vr.MPC(model, dict(enumerate(z_goal.cpu().numpy())), (np.zeros(1024, np.float32),
+                     np.ones(1024, np.float32)), settings, dtype="bf16", graph=True)
+        sides["mpc"] = partial(mpc, z.cpu().numpy(), {"seed": list(range(episodes)), "step": 0})
     seconds, results = interleaved(sides, 3 if quick or device == "cpu" else 5, device)
-    flops = 2 * sum(p.numel() for p in model.parameters()) * samples * horizon * iterations * episodes
-    figures = dict(episodes=episodes, samples=samples, elites=elites, horizon=horizon, iterations=iterations,
-                   params=sum(p.numel() for p in model.parameters()), gflop_per_step=flops / 1e9)
-    first = {p: out[1][:, 0] for p, out in results.items()}  # the elite mean's first action
+    flops = 2 * sum(p.numel() for p in model.parameters()) * samples * settings["horizon"] * iterations * episodes
+    figures = dict(episodes=episodes, **settings, params=sum(p.numel() for p in model.parameters()),
+                   gflop_per_step=flops / 1e9)
+    first = {p: torch.as_tensor(out).to(device) if p == "mpc" else out[1][:, 0] for p, out in results.items()}
     for p, s in seconds.items():
         figures[p] = {"ms": s * 1000, "floor_ms": flops / peak[p if p in peak else "fp16"] / 1e6,
                       "first_action_abs_diff": float((first[p] - first["fp32"]).abs().max())}
-    return figures, [[f"CEM step, {episodes} episodes x {samples} x {horizon} x {iterations} on the mlp, "
+    return figures, [[f"CEM step, {episodes} episodes x {samples} x {settings['horizon']} x {iterations} on the mlp, "
                       f"{' / '.join(seconds)} (ms)", slash(figures[p]["ms"] for p in seconds),
                       f"floor {slash(figures[p]['floor_ms'] for p in seconds)} ms; first action moves "
                       f"{slash((figures[p]['first_action_abs_diff'] for p in seconds), '{:.2f}')}"]]
@@ -278,7 +285,9 @@ def measure_cem(device, peak, quick):
 
 def measure_compile(encoder, windows, device):
     """--compile: the first compiled batch (the compile) and then compiled against eager windows/s, interleaved."""
-    compiled = vr.compile_encoder(dataclasses.replace(encoder, model=copy.deepcopy(encoder.model)))  # a copy
+    compiled = dataclasses.replace(encoder, model=copy.deepcopy(encoder.model))  # a copy, compiled as --compile does
+    compiled.model.encoder = gpu.Compiled(compiled.model.encoder)
+    vr.encode(compiled, windows[:1])  # its first call runs eagerly, building the rotary tables
     eager = encoder
     t0 = time.perf_counter()
     vr.encode(compiled, windows)
@@ -321,30 +330,41 @@ def start(args, device):
     return result
 
 
-def record(result, rows, key, measure, *inputs):
-    """Run one measurement; keep its figures under `key` (and return them), its rows for the table, its wall time."""
+def record(result, rows, out, key, measure, *inputs):
+    """Run one measurement; keep its figures under `key` (and return them), its rows for the table, its wall time;
+    then write bench.json and bench.md in `out`, so a run cut short keeps every measurement it finished."""
     t0 = time.perf_counter()
     result[key], new = measure(*inputs)
     result["bench_seconds"][key] = time.perf_counter() - t0
     for row in new:
         print(f"bench: {row[0]}: {row[1]} | {row[2]} ({result['bench_seconds'][key]:.0f} s)", flush=True)
     rows += new
+    gl = result.get("render", {}).get("gl_renderer", "not measured")
+    save_json(os.path.join(out, "bench.json"), result)
+    write_text(os.path.join(out, "bench.md"), f"Device: {result['device']} (GL_RENDERER: {gl}), torch "
+               f"{result['torch']}, load average {result['load_average_at_start']:.2f} at the start. Made by "
+               f"`{result['command']}`.\n\n{md_table(['measure', 'result', 'ratio'], rows)}\n")
     return result[key]
 
 
 def main(argv=None):
-    """Every measurement on one device, each row printed as it lands; then bench.json and bench.md in --out."""
+    """Every measurement on one device, each row printed as it lands and written to bench.json and bench.md."""
     args = parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         sys.exit("error: --device cuda, but torch sees no CUDA device")
     device = "cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()) else "cpu"
     quick, batch = args.quick, 8 if args.quick else BATCH
+    out = args.out or ("runs/bench-quick" if quick else RESULTS)  # a smoke run never overwrites committed numbers
     result, rows = start(args, device), []
-    run = partial(record, result, rows)
-    peak = run("matmul_peak_gflops", matmul_peak, device, quick)
+    peak = record(result, rows, out, "matmul_peak_gflops", matmul_peak, device, quick)
+
+    def run(key, *measurement):
+        if not args.only or key in args.only:
+            record(result, rows, out, key, *measurement)
     run("render", measure_render, quick)
     tiny = vr.load_encoder("tiny", device, "fp32", batch_size=batch)  # fp32 weights; the pipeline picks its own
-    vitl = None if quick else vitl_encoder(device, batch)
+    vitl = None if quick or not {"loops_vs_seed", "encoder_vitl", "compile"} & set(args.only or MEASURES) else \
+        vitl_encoder(device, batch)
     pipeline = vr.variant(vitl if vitl is not None and device == "cuda" else tiny, "auto")  # ViT-L on a GPU
     envs = vr.Envs(batch, SIZE, lean=True, expert="p")  # seed: the P-controller drives collection
     windows = torch.from_numpy(np.repeat(envs.reset(range(batch))["frame"][:, None], vr.WINDOW, 1)).to(device)
@@ -356,13 +376,7 @@ def main(argv=None):
         run("compile", measure_compile, pipeline, windows, device)
     run("cem_ms_per_step", measure_cem, device, peak, quick)
     run("train_epoch", measure_training, device, quick)
-    out = args.out or ("runs/bench-quick" if quick else RESULTS)  # a smoke run never overwrites committed numbers
-    text = (f"Device: {result['device']} (GL_RENDERER: {result['render']['gl_renderer']}), torch {result['torch']}, "
-            f"load average {result['load_average_at_start']:.2f} at the start. Made by `{result['command']}`.\n\n"
-            f"{md_table(['measure', 'result', 'ratio'], rows)}\n")
-    save_json(os.path.join(out, "bench.json"), result)
-    write_text(os.path.join(out, "bench.md"), text)
-    print(text + f"bench: wrote {os.path.join(out, 'bench.json')} and bench.md", flush=True)
+    print(open(os.path.join(out, "bench.md")).read() + f"bench: wrote {out}/bench.json and bench.md", flush=True)
     return 0
 
 

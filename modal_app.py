@@ -45,7 +45,7 @@ PACKAGES = ["torch==2.13.0", "mujoco==3.17.0", "dm_control==1.0.50", "transforme
 # EGL through libglvnd, which dispatches to a vendor library named by a JSON file: Modal's GPU containers mount the
 # NVIDIA driver libraries (libEGL_nvidia among them) but a slim image has no NVIDIA vendor file, so write the
 # standard one (as MuJoCo's Colab notebook does). libosmesa6: the CPU fallback where no EGL context works.
-SOURCES = ["vjepa_reacher", "report", "rope", "sac", "imagine"]  # the script and the leaves it imports (a file each)
+SOURCES = ["vjepa_reacher", "gpu", "report", "rope", "sac", "imagine"]  # the script and the leaves it imports
 APT = ["libegl1", "libgl1", "libglvnd0", "libosmesa6"]
 NVIDIA_EGL_ICD = '{"file_format_version": "1.0.0", "ICD": {"library_path": "libEGL_nvidia.so.0"}}'
 image = (modal.Image.debian_slim(python_version="3.11")

@@ -199,7 +199,7 @@ def test_help_lists_every_knob_with_both_values_before_torch_loads():
     for name, knob in vr.KNOBS.items():
         line = " ".join(lines[name].split())
         assert f"seed: {knob.seed}" in line, line
-        assert f"ours: {knob.ours}" in line if knob.ours is not None else knob.why in line, line
+        assert f"ours: {knob.ours}" in line, line  # a SameAs shows as "same as name"
     options = [a for a in vr.build_parser()._actions if a.option_strings]
     assert len(options) <= 35  # issue 19: at most 35 options besides the knobs
     for a in options:
@@ -283,25 +283,26 @@ def test_jacobian_expert_against_a_finite_difference_jacobian():
 
 
 def test_training_ranges_bounds_by_arithmetic(monkeypatch):
-    """Whatever 32-bit word the seed mixes to, a training range starts at HELD_OUT_END or above and ends below 2**32:
-    the smallest word starts it at HELD_OUT_END, the one just below the span at 2**32 - MAX_EPISODES - 1."""
-    span = 2 ** 32 - vr.MAX_EPISODES - vr.HELD_OUT_END
-    for word, first in ((0, vr.HELD_OUT_END), (span - 1, 2 ** 32 - vr.MAX_EPISODES - 1), (span, vr.HELD_OUT_END)):
+    """Whatever 32-bit word the seed mixes to, a training range starts at 2**24 or above and ends below 2**32: the
+    smallest word starts it at 2**24, the one just below the room at 2**32 - MAX_EPISODES - 1 (the other two stages
+    get words 2 * MAX_EPISODES apart, so the seed is not refused)."""
+    room = 2 ** 32 - vr.MAX_EPISODES - 2 ** 24
+    for word, first in ((0, 2 ** 24), (room - 1, 2 ** 32 - vr.MAX_EPISODES - 1), (room, 2 ** 24)):
         class Words:
             def __init__(self, entropy):
-                pass
+                self.stage = entropy[1]
 
             def generate_state(self, n, word=word):
-                return np.full(n, word, np.uint32)
+                return np.full(n, (word + 2 * vr.MAX_EPISODES * self.stage) % 2 ** 32, np.uint32)
         monkeypatch.setattr(vr.np.random, "SeedSequence", Words)
         seeds = vr.episode_seeds("collect", vr.MAX_EPISODES, 0)
         assert seeds[0] == first and seeds[-1] < 2 ** 32 and seeds[-1] - seeds[0] == vr.MAX_EPISODES - 1, word
     monkeypatch.undo()
     held_out_last = max(vr.episode_seeds(k, vr.MAX_EPISODES, 0)[-1] for k in vr.HELD_OUT)
-    assert held_out_last == vr.HELD_OUT["goal"] + vr.MAX_EPISODES - 1 < vr.HELD_OUT_END
+    assert held_out_last == vr.HELD_OUT["goal"] + vr.MAX_EPISODES - 1 < 2 ** 24
 
 
-@pytest.mark.parametrize("seed", [0, 1, 429, 430, 4242, 2 ** 31 - 1])
+@pytest.mark.parametrize("seed", [0, 1, 151, 429, 430, 4242, 2 ** 31 - 1])
 def test_seed_ranges_are_disjoint_and_fit_32_bits(seed):
     n = vr.MAX_EPISODES
     kinds = ("collect", "explore", "rl", "eval", "plan", "probe", "goal")
@@ -315,7 +316,7 @@ def test_seed_ranges_are_disjoint_and_fit_32_bits(seed):
             if a < b:  # intervals: disjoint when one ends before the other starts
                 assert ranges[a][1] < ranges[b][0] or ranges[b][1] < ranges[a][0], (a, b)
     held_out = max(ranges[k][1] for k in vr.HELD_OUT)
-    assert held_out < vr.HELD_OUT_END <= min(ranges[k][0] for k in vr.TRAINING)
+    assert held_out < 2 ** 24 <= min(ranges[k][0] for k in vr.TRAINING)
     assert vr.episode_seeds("eval", 100, seed) == list(range(5000, 5100))  # the seed's eval episodes, paired
     np.random.RandomState(ranges["collect"][1])  # numpy accepts every one
     with pytest.raises(vr.UserError, match="at most"):
@@ -325,7 +326,22 @@ def test_seed_ranges_are_disjoint_and_fit_32_bits(seed):
 def test_training_ranges_of_other_seeds_never_hold_evaluation_episodes():
     held_out_end = max(vr.episode_seeds(k, 1, 0)[0] + vr.MAX_EPISODES - 1 for k in vr.HELD_OUT)
     for seed in range(0, 3000, 7):
-        assert all(vr.training_base(k, seed) > held_out_end for k in vr.TRAINING)
+        try:
+            assert all(vr.episode_seeds(k, 1, seed)[0] > held_out_end for k in vr.TRAINING)
+        except vr.UserError:  # refused: its own training ranges would overlap
+            assert seed in (483, 896, 1589, 2387)
+
+
+TODAYS_TRAINING_STARTS = [[2985588926, 3981702212, 3157893759], [1852281343, 1205810605, 1613587627],
+                          [2850904203, 324403663, 1356804060]]  # from the rule before issue 27, which rehashed overlaps
+
+
+def test_training_seeds_are_todays_and_a_seed_whose_ranges_overlap_is_refused():
+    # the first episode of collect, explore and rl for --seed 0, 1, 2, as every committed result was trained on
+    assert [[vr.episode_seeds(k, 1, s)[0] for k in vr.TRAINING] for s in range(3)] == TODAYS_TRAINING_STARTS
+    with pytest.raises(vr.UserError, match="--seed 152: its collect, explore and rl episodes would overlap"):
+        vr.episode_seeds("rl", 1, 152)
+    assert vr.episode_seeds("eval", 3, 152) == [5000, 5001, 5002]  # held-out ranges never depend on --seed
 
 
 def test_seed_recipe_reuses_the_demo_seeds_for_exploration():
@@ -335,7 +351,7 @@ def test_seed_recipe_reuses_the_demo_seeds_for_exploration():
 
 def test_epsilon_greedy_draws_per_episode_not_per_batch():
     expert = lambda z, obs: np.zeros((len(obs["seed"]), 2))  # noqa: E731
-    alone, together = vr.EpsilonGreedy(expert, 0.5, 3), vr.EpsilonGreedy(expert, 0.5, 3)
+    alone, together = vr.epsilon_greedy(expert, 0.5, 3), vr.epsilon_greedy(expert, 0.5, 3)
     a = [alone(None, {"seed": [7]})[0] for _ in range(20)]
     b = [together(None, {"seed": [5, 7]})[1] for _ in range(20)]
     np.testing.assert_array_equal(a, b)  # episode 7's actions do not depend on its batch-mate
@@ -623,7 +639,8 @@ def test_seed_recipe_keeps_transformers_token_positions():
     seed_like = vr.load_encoder("tiny", precision="fp32", positions="checkpoint", frame_size=224)
     with torch.inference_mode():  # transformers' untouched model, positions on its 256 px crop's grid
         plain = vr.random_vjepa2(vr.tiny_config(), 0).eval().encoder
-        ref = plain(pixel_values_videos=vr.preprocess(torch.from_numpy(windows), torch.float32)).last_hidden_state
+        x = vr.preprocess(torch.from_numpy(windows), *seed_like.normalize)
+        ref = plain(pixel_values_videos=x).last_hidden_state
     assert torch.equal(vr.encode(seed_like, windows), ref.mean(1))
     ours = vr.load_encoder("tiny", precision="fp32", frame_size=224)
     assert not torch.equal(vr.encode(ours, windows), ref.mean(1))  # 7 x 7 patches: the positions now differ
@@ -717,8 +734,10 @@ def test_the_seeds_one_start_batches_apply_to_its_5_step_model_only(monkeypatch)
     """Its 1-step mlp and resblock trained on every transition in batches of 256; only its 5-step model on
     batches of 64 episodes sharing one start. 10 episodes of 20 steps, the last 2 held out (contiguous)."""
     seen = {}
-    monkeypatch.setattr(vr, "fit", lambda model, loss, n_train, n_val, cfg, desc: seen.setdefault(desc, (
-        n_train, cfg["batch_size"])) and {"kept_val": 0.0, "kept_epoch": 0, "history": {}})
+    def fit(model, loss, opt, n_train, n_val, epochs, batch_size, desc, **settings):
+        seen[desc] = n_train, batch_size
+        return {"kept_val": 0.0, "kept_epoch": 0, "history": {}}
+    monkeypatch.setattr(vr, "fit", fit)
     rng = np.random.default_rng(0)
     data = {"z": rng.normal(size=(10, 21, 4)).astype(np.float32), "actions": rng.uniform(-1, 1, (10, 20, 2))}
     args = vr.parse_args(["dynamics", "--recipe", "seed", "--device", "cpu"])
@@ -764,7 +783,7 @@ def test_unrolled_loss_weighs_each_step():
 
 
 def test_splits_by_transition_and_by_episode():
-    train, val = vr.split_transitions(1000, 0.2, seed=0)
+    train, val = vr.split_episodes(1000, 0.2, seed=0)  # the seed's BC split: 1000 transitions
     assert len(val) == 200 and len(train) == 800 and not set(train) & set(val)
     assert len(set(val // 100)) > 5  # transitions of many episodes: neighbours fall on both sides
     train, val = vr.split_episodes(10, 0.2, seed=0)
@@ -783,8 +802,8 @@ def test_standardizer_on_known_data():
     assert (mean == 0).all() and (std == 1).all()
 
 
-FIT = dict(epochs=10, lr=1e-2, batch_size=2, weight_decay=0.0, optimizer="adamw", grad_clip=0.0,
-           schedule_step="batch", keep="best", seed=0)
+def adamw(model):
+    return torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.0)
 
 
 def test_nan_loss_stops_and_keeps_last_good_weights():
@@ -802,7 +821,7 @@ def test_nan_loss_stops_and_keeps_last_good_weights():
             loss = loss + (model.weight - model.weight.detach()).abs().sqrt().sum()
         return loss
     with pytest.raises(vr.UserError, match="loss became nan at epoch 2; stopped, kept the weights of epoch 1"):
-        vr.fit(model, batch_loss, 4, 4, FIT)
+        vr.fit(model, batch_loss, adamw(model), 4, 4, epochs=10, batch_size=2, keep="best")
     assert all(torch.equal(p, at_val[-1][k]) for k, p in model.state_dict().items())
 
 
@@ -818,7 +837,7 @@ def test_fit_keeps_the_best_or_the_final_epoch(keep):
             weights.append(model.weight.item())
             return (model.weight - 0.5).pow(2).sum()
         return (model.weight - 1.0).pow(2).sum()
-    fitted = vr.fit(model, batch_loss, 4, 1, dict(FIT, epochs=30, keep=keep))
+    fitted = vr.fit(model, batch_loss, adamw(model), 4, 1, epochs=30, batch_size=2, keep=keep)
     val = fitted["history"]["val"]
     assert len(val) == 30 and len(fitted["history"]["train"]) == 30
     kept = int(np.argmin(val)) if keep == "best" else 29
@@ -976,8 +995,9 @@ def test_cem_returns_the_best_sample_seen_and_mpc_best_executes_its_first_action
     args = vr.parse_args(["plan", "--recipe", "seed", "--set", "cost=final", "--horizon", "3", "--samples", "64",
                           "--elites", "8", "--iterations", "3", "--device", "cpu"])
     assert args.execute == "best" and args.cem_init_std == 0.5
-    mpc = vr.MPC(Zero(), {0: np.zeros(2, np.float32)}, np.zeros(2, np.float32), np.ones(2, np.float32), args, "cem")
-    action = mpc(np.zeros((1, 2), np.float32), {"seed": [0]})
+    mpc = vr.make_mpc(args, "cem", Zero(), {0: np.zeros(2, np.float32)}, (np.zeros(2, np.float32),
+                                                                          np.ones(2, np.float32)))
+    action = mpc(np.zeros((1, 2), np.float32), {"seed": [0], "step": 0})
     g = torch.Generator().manual_seed(args.seed)  # the same draws as the MPC's own generator
     fn = vr.latent_cost(Zero(), torch.zeros(1, 2), torch.zeros(1, 2), "final")
     best, _, _ = vr.cem(fn, 1, 3, samples=64, elites=8, iterations=3, init_std=0.5, generator=g)
@@ -1007,16 +1027,26 @@ def test_static_cem_is_cem_on_fixed_buffers_with_noise_drawn_up_front():
     assert all(torch.equal(a, b) for a, b in zip(drawn, vr.cem(fn, 3, 5, mean=mean, noise=up_front, **sizes)))
     args = vr.parse_args(["plan", "--samples", "32", "--elites", "4", "--iterations", "3", "--horizon", "5",
                           "--set", "plan_graph=on", "--device", "cpu"])
-    mpc = vr.MPC(model, {}, np.zeros(10, np.float32), np.ones(10, np.float32), args, "cem")
-    noise = torch.empty(3, 3, 32, 5, 2).normal_(generator=torch.Generator().manual_seed(args.seed))
-    best, m = mpc.static_cem(z, goal, mean)  # on the CPU the graph's code runs eagerly
-    expected = vr.cem(fn, 3, 5, mean=mean, noise=noise, **sizes)
-    assert torch.equal(best, expected[0]) and torch.equal(m, expected[1]) and list(mpc.graphs) == [3]
-    again, _ = mpc.static_cem(z, goal, mean)  # the same buffers, fresh noise
-    assert list(mpc.graphs) == [3] and not torch.equal(again, best)
-    with vr.tf32("cuda"):  # TF32 only while planning, and only where it means something
+    mpc = vr.make_mpc(args, "cem", model, {0: goal[0].numpy()}, (np.zeros(10, np.float32), np.ones(10, np.float32)))
+    g = torch.Generator().manual_seed(args.seed)  # the same draws as the MPC's own generator
+    noise = [torch.randn(3, 1, 32, 5, 2, generator=g) for _ in range(3)]
+    fn = vr.latent_cost(model, z[:1], goal[:1])
+    action = mpc(z[:1].numpy(), {"seed": [0], "step": 0})  # on the CPU the graph's code runs eagerly
+    first = vr.cem(fn, 1, 5, mean=torch.zeros(1, 5, 2), noise=noise[0], **sizes)[1][:, 0]
+    np.testing.assert_array_equal(action, first)
+    again = mpc(z[:1].numpy(), {"seed": [0], "step": 1})  # the same buffers, fresh noise, a warm start
+    assert len(mpc.graph.captured) == 1 and not np.array_equal(again, action)
+    cold = mpc(z[:1].numpy(), {"seed": [0], "step": 0})  # a new episode starts cold, not from the last mean
+    np.testing.assert_array_equal(cold, vr.cem(fn, 1, 5, mean=torch.zeros(1, 5, 2), noise=noise[2], **sizes)[1][:, 0])
+
+
+def test_tf32_only_while_planning_with_the_new_api_only():
+    with vr.gpu.tf32("cuda"):  # TF32 only while planning, and only where it means something
         assert torch.backends.cuda.matmul.fp32_precision == "tf32"
     assert torch.backends.cuda.matmul.fp32_precision != "tf32"
+    torch.get_float32_matmul_precision()  # the legacy read works again: no mixed state is left behind
+    with vr.gpu.tf32("cpu"):
+        assert torch.get_float32_matmul_precision() == "highest"
 
 
 def test_half_and_static_planning_keep_fp32s_success_on_the_oracle(state_run, tmp_path):
@@ -1038,10 +1068,12 @@ def test_compiled_encoder_pads_the_last_batch_and_never_recompiles(monkeypatch):
     monkeypatch.setattr(torch._dynamo.config, "error_on_recompile", True)
     windows = np.random.default_rng(4).integers(0, 256, (6, vr.WINDOW, 256, 256, 3), dtype=np.uint8)
     plain = vr.encode(vr.load_encoder("tiny", precision="fp32", batch_size=4), windows)
-    compiled = vr.compile_encoder(vr.load_encoder("tiny", precision="fp32", batch_size=4), backend="eager")
-    z = vr.encode(compiled, windows)  # batches of 4 and 2: the 2 go padded to 4, so one shape only
-    assert z.shape == (6, 64) and hasattr(compiled.model.encoder, "_orig_mod")
+    compiled = vr.load_encoder("tiny", precision="fp32", batch_size=4)
+    compiled.model.encoder = vr.gpu.Compiled(compiled.model.encoder, backend="eager")  # as --set compile=on does
+    z = vr.encode(compiled, windows)  # 4 eagerly (the first call), then 2 compiled, padded to 8
+    assert z.shape == (6, 64) and isinstance(compiled.model.encoder, vr.gpu.Compiled)
     torch.testing.assert_close(z, plain, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(vr.encode(compiled, windows), plain, rtol=1e-5, atol=1e-6)  # 4 and 2: both 8 again
     torch._dynamo.reset()
 
 
@@ -1053,10 +1085,10 @@ def test_mpc_moves_a_linear_system_to_its_goal():
     for seed in range(5):
         args = vr.parse_args(["plan", "--set", "cost=weighted", "--horizon", "5", "--samples", "100", "--elites", "10",
                               "--seed", str(seed), "--device", "cpu"])
-        mpc = vr.MPC(model, {9: goal}, np.zeros(2, np.float32), np.ones(2, np.float32), args, "cem")
+        mpc = vr.make_mpc(args, "cem", model, {9: goal}, (np.zeros(2, np.float32), np.ones(2, np.float32)))
         z, distances = np.zeros((1, 2), np.float32), []
-        for _ in range(15):  # execute the first action, replan from where it led
-            action = torch.from_numpy(mpc(z, {"seed": [9]}).astype(np.float32))
+        for t in range(15):  # execute the first action, replan from where it led
+            action = torch.from_numpy(mpc(z, {"seed": [9], "step": t}).astype(np.float32))
             assert action.shape == (1, 2) and action.abs().max() <= 1
             z = model(torch.from_numpy(z), action).detach().numpy()
             distances.append(np.linalg.norm(z[0] - goal))
@@ -1070,7 +1102,7 @@ def test_mpc_moves_a_linear_system_to_its_goal():
 def knob_values(name):
     """The seed's value and another: ours, or where ours is the same (or follows an option) the knob's `also`."""
     knob = vr.KNOBS[name]
-    return knob.seed, knob.ours if knob.ours not in (None, knob.seed) else knob.also[0]
+    return knob.seed, knob.ours if not isinstance(knob.ours, vr.SameAs) and knob.ours != knob.seed else knob.also[0]
 
 
 def scaled_linear_data(E=10, T=40, D=4):
@@ -1128,8 +1160,9 @@ def planned(name, value):
                           "--iterations", "2", "--set", f"{name}={value}"])
     torch.manual_seed(0)
     model, goal = vr.Dynamics("mlp", 4).eval(), np.ones(4, np.float32)
-    mpc = vr.MPC(model, {0: goal, 1: -goal}, np.zeros(4, np.float32), np.ones(4, np.float32), args, "cem")
-    return np.stack([mpc(np.zeros((2, 4), np.float32), {"seed": [0, 1]}) for _ in range(2)]), bool(mpc.graphs)
+    mpc = vr.make_mpc(args, "cem", model, {0: goal, 1: -goal}, (np.zeros(4, np.float32), np.ones(4, np.float32)))
+    return (np.stack([mpc(np.zeros((2, 4), np.float32), {"seed": [0, 1], "step": t}) for t in range(2)]),
+            mpc.graph is not None)
 
 
 @pytest.mark.parametrize("name", ["cem_init_std", "elite_std", "warm_tail", "cost", "execute", "plan_dtype",
@@ -1160,7 +1193,7 @@ def test_collect_knobs_pick_the_seeds_episodes_and_demo_expert(monkeypatch, tmp_
         with contextlib.redirect_stdout(io.StringIO()):
             vr.stage_collect(args, vr.load_encoder("state"))
             vr.STAGES["explore"](args, vr.load_encoder("state"))
-    base = vr.training_base("collect", 0)
+    base = vr.episode_seeds("collect", 1, 0)[0]
     assert seen[:2] == [([0, 1], "p"), ([0, 1], "p")] and seen[2] == ([base, base + 1], "jacobian")
     assert vr.parse_args(["bc", "--recipe", "seed"]).expert == "p"
     assert vr.parse_args(["bc", "--recipe", "seed", "--expert", "jacobian"]).demo_expert == "jacobian"  # typed wins

@@ -44,7 +44,7 @@ import re
 import shlex
 import sys
 import time
-from functools import partial
+from functools import cached_property, partial
 
 os.environ.setdefault("MUJOCO_GL", "egl")  # headless rendering; must be set before dm_control is imported
 # Idle torch threads sleep instead of spinning: beside another busy process on 2 cores, spinning made tiny's
@@ -59,11 +59,10 @@ LEAN_RENDER = dict(shadow=False, reflection=False, skybox=False)  # same arm and
 STATE_NAMES = ("sin_q0", "sin_q1", "cos_q0", "cos_q1", "qvel0", "qvel1", "finger_x", "finger_y", "target_x", "target_y")
 SAC_REPEAT = 2  # SAC holds each action 2 control steps (DrQ-v2's action repeat)
 EXPLORE = ("p", 0.3)  # seed: Phase 2 exploration data, the P-controller with epsilon 0.3
-# Episode seeds (each fixes reacher's target and arm start; see `episode_seeds`). Held-out episodes live below
-# HELD_OUT_END, the same for every --seed, so training seeds are compared on paired episodes; training ones never do.
+# Episode seeds fix reacher's target and arm start (`episode_seeds`). Held-out episodes are fixed ranges below 2**24,
+# the same for every --seed, so training seeds are compared on paired episodes; training episodes lie above it.
 HELD_OUT = {"eval": 5_000, "plan": 1_000_000, "probe": 2_000_000, "goal": 3_000_000}  # seed: eval on 5000-5099
-HELD_OUT_END = 2 ** 24
-TRAINING = {"collect": 0, "explore": 1, "rl": 2}  # stage ids for np.random.SeedSequence([--seed, id])
+TRAINING = ("collect", "explore", "rl")  # stage i of --seed S starts at 2**24 + a hash of (S, i)
 MAX_EPISODES = 995_000  # per range: keeps every held-out range inside its slot, e.g. 5000 + n <= 1,000,000
 MAX_SEED = 2 ** 31 - 1
 EXPERT_NAMES = ("p", "jacobian")
@@ -74,9 +73,18 @@ ALL = ("collect", "bc", "eval", "rl", "explore", "dynamics", "imagine", "plan", 
 # ---- The recipe: every knob where our code and the seed's differ, one row each -------------------------------------
 # `--recipe seed|ours` picks a column; `--set name=value` overrides one knob (as nanoGPT's configurator). A text
 # knob takes its two columns' values and those in `also`. Files are the seed repository's (ThomasVuNguyen/Meta-s-Jepa,
-# train_robots/; gen = generate_and_encode_modal.py); shared/seed_audit.md has the rows. An `ours` of None means the
-# same as the option or knob that `why` names.
+# train_robots/; gen = generate_and_encode_modal.py); shared/seed_audit.md has the rows. An `ours` of SameAs("x")
+# takes the value of option or knob x once everything else is set (--help: "same as x").
 Knob = collections.namedtuple("Knob", "seed source ours why also", defaults=((),))
+
+
+class SameAs(collections.namedtuple("SameAs", "name")):
+    """An `ours` that takes the value of option or knob `name`: random shooting runs as long as CEM, say."""
+
+    def __str__(self):
+        return f"same as {self.name}"
+
+
 KNOBS = {
     "bc_optimizer": Knob("adam", "train_bc.py ~50", "adamw", "faster to converge at our small budgets"),
     "bc_lr": Knob(3e-4, "train_bc.py ~50", 1e-3, "faster to converge; both decay to ~0"),
@@ -101,20 +109,21 @@ KNOBS = {
     "cost": Knob("weighted", "mpc_planner.py ~104-114", "final", "L2 to the goal at the end, or (t+1)/H-weighted"),
     "execute": Knob("best", "mpc_planner.py ~94-102", "mean", "first action of the elite mean or the best sample"),
     "plan_steps": Knob(200, "mpc_planner.py ~205", 100, "CEM episode length; the arm reaches in < 50 steps"),
-    "rs_plan_steps": Knob(100, "mpc_planner.py at ebcc18d ~144", None, "random shooting's length (ours: plan_steps)"),
-    "goal_expert": Knob("p", "mpc_planner.py ~117-142", None, "goal maker (ours: --expert)", ("jacobian",)),
-    "goal_horizon": Knob(300, "mpc_planner.py ~117-142", None, "steps the goal expert runs (ours: plan_steps)"),
+    "rs_plan_steps": Knob(100, "mpc_planner.py at ebcc18d ~144", SameAs("plan_steps"), "random shooting's length"),
+    "goal_expert": Knob("p", "mpc_planner.py ~117-142", SameAs("expert"), "goal maker", ("jacobian",)),
+    "goal_horizon": Knob(300, "mpc_planner.py ~117-142", SameAs("plan_steps"), "steps the goal expert runs"),
     "goal_form": Knob("frame", "mpc_planner.py ~117-142", "window", "closest frame x8, or the window there"),
     "mpc_obs": Knob("frame", "mpc_planner.py ~41-48", "window", "current frame x8, or the window it trained on"),
-    "demo_expert": Knob("p", "gen at 8c91016 ~133", None, "BC's demo expert (ours: --expert)", ("jacobian",)),
+    "demo_expert": Knob("p", "gen at 8c91016 ~133", SameAs("expert"), "BC's demo expert", ("jacobian",)),
     "rs_goal": Knob("random-run", "mpc_planner.py at ebcc18d ~57-144", "expert", "seed's shows another target"),
     "frame_size": Knob(256, "gen ~74-78", 256, "frame size for data, BC and RL"),
-    "plan_frame_size": Knob(224, "mpc_planner.py ~31-35", None, "goals and MPC (ours: frame_size)"),
+    "plan_frame_size": Knob(224, "mpc_planner.py ~31-35", SameAs("frame_size"), "frame size of goals and MPC"),
     "render": Knob("full", "gen ~74-78", "lean", "no shadows, reflections, skybox: same arm and target, faster"),
     "episode_seeds": Knob("seed", "gen ~120-126", "ours", "seed: 0..N-1 for demos and exploration alike"),
     "precision": Knob("half", "gen at 8c91016 ~67-71", "auto", "auto: fp16 weights on CUDA, bf16 autocast on CPU",
                       ("fp32", "fp16", "bf16")),
-    "plan_precision": Knob("fp32", "mpc_planner.py ~153-155", None, "MPC's (ours: precision)", ("half", "auto")),
+    "plan_precision": Knob("fp32", "mpc_planner.py ~153-155", SameAs("precision"), "MPC's encoder precision",
+                           ("half", "auto")),
     "encoder_forward": Knob("full", "gen ~89-106", "encoder", "the predictor adds compute, not embedding"),
     "plan_dtype": Knob("fp32", "mpc_planner.py", "fp32", "planning rollouts (bf16: fp16 on CUDA)", ("bf16",)),
     "train_dtype": Knob("fp32", "train_dynamics.py", "fp32", "bf16: autocast (timed: results/state-seed)",
@@ -129,27 +138,29 @@ RECIPES = {"seed": {k: v.seed for k, v in KNOBS.items()}, "ours": {k: v.ours for
 # --quick: smoke-sized runs on 2 CPU cores; it fills what you did not type, before the recipe. Planner sizes
 # shrink the most because CEM on the 8.4M-param resblock costs ~17 GFLOP per 1,000 imagined steps.
 QUICK = dict(episodes=100, eval_episodes=20, steps=100, epochs=50, dyn_epochs=10, rollout_epochs=10,
-             plan_episodes=4, plan_steps=30, rs_plan_steps=None, samples=64, elites=8, rs_samples=128,
+             plan_episodes=4, plan_steps=30, rs_plan_steps=SameAs("plan_steps"), samples=64, elites=8, rs_samples=128,
              probe_episodes=8, goal_horizon=30, rl_steps=2000, rl_eval_every=1000, long_episodes=0,
              imagine_steps=1000, imagine_updates=400)
 
 
 # ---- Options -----------------------------------------------------------------------------------------------------
 # They come first, as CleanRL's Args do, so that --help and a bad option answer at once, before torch loads.
-def number(s, cast, what, low, high=math.inf, strict=False):
-    """An argparse type (with partial): a finite int or float (`cast`) in [low, high], or (low, high] if strict."""
-    try:
-        v = cast(s)
-    except ValueError:
-        v = math.nan
-    if not (math.isfinite(v) and (v > low if strict else v >= low) and v <= high):
-        raise argparse.ArgumentTypeError(f"expected {what}, got {s!r}")
-    return v
+def checked(cast, ok, what):
+    """An argparse type: s cast to int or float, finite and ok(value), else the error 'expected <what>'."""
+    def parse(s):
+        try:
+            value = cast(s)
+        except ValueError:
+            value = math.nan
+        if not (math.isfinite(value) and ok(value)):
+            raise argparse.ArgumentTypeError(f"expected {what}, got {s!r}")
+        return value
+    return parse
 
 
-positive_int = partial(number, cast=int, what="an integer > 0", low=0, strict=True)
-unit_float = partial(number, cast=float, what="a number in [0, 1]", low=0, high=1)
-seed_int = partial(number, cast=int, what=f"an integer in [0, 2**31 - 1 = {MAX_SEED}]", low=0, high=MAX_SEED)
+positive_int = checked(int, lambda v: v > 0, "an integer > 0")
+unit_float = checked(float, lambda v: 0 <= v <= 1, "a number in [0, 1]")
+seed_int = checked(int, lambda v: 0 <= v <= MAX_SEED, f"an integer in [0, 2**31 - 1 = {MAX_SEED}]")
 
 
 def knob_setting(s):
@@ -159,12 +170,13 @@ def knob_setting(s):
         raise argparse.ArgumentTypeError(f"unknown knob {name!r} in {s!r}: --help lists them")
     knob = KNOBS[name]
     if isinstance(knob.seed, str):
-        choices = [c for c in (knob.seed, knob.ours, *knob.also) if c is not None]
+        choices = [c for c in (knob.seed, knob.ours, *knob.also) if isinstance(c, str)]
         if value not in choices:
             raise argparse.ArgumentTypeError(f"knob {name}: expected one of {', '.join(choices)}, got {value!r}")
         return name, value
-    strict = 0 not in (knob.seed, knob.ours)  # a numeric knob whose seed or ours value is 0 may be 0
-    return name, number(value, type(knob.seed), f"knob {name} {'>' if strict else '>='} 0", 0, strict=strict)
+    if 0 in (knob.seed, knob.ours):  # 0 means none, e.g. dyn_grad_clip
+        return name, checked(type(knob.seed), lambda v: v >= 0, f"knob {name} >= 0")(value)
+    return name, checked(type(knob.seed), lambda v: v > 0, f"knob {name} > 0")(value)
 
 
 def shard_spec(s):
@@ -187,7 +199,7 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescript
 
 
 def build_parser():
-    knobs = [f"  {k:<17} seed: {v.seed!s:<11} ours: {'(see why)' if v.ours is None else v.ours!s:<11} {v.why} "
+    knobs = [f"  {k:<17} seed: {v.seed!s:<11} ours: {v.ours!s:<11} {v.why} "
              f"[seed: {v.source}]" for k, v in KNOBS.items()]  # every knob with both values, in --help
     p = argparse.ArgumentParser(prog="vjepa_reacher.py", description=__doc__.split("\n\n")[0], formatter_class=
                                 HelpFormatter, epilog="knobs (--set name=value; --recipe picks a column):\n" +
@@ -200,7 +212,8 @@ def build_parser():
     a("--set", type=knob_setting, action="append", default=[], metavar="KNOB=VALUE", help="override a knob (repeat)")
     a("--quick", action="store_true", help="smoke-sized preset, minutes on 2 CPU cores: " +
       ", ".join(f"{k}={v}" for k, v in QUICK.items()))
-    a("--seed", type=seed_int, default=0, help="training seed: torch, numpy and the training episodes")
+    a("--seed", type=seed_int, default=0, help="training seed: torch and the training episodes; about 1 seed in 700 "
+      "is refused, as its collect, explore and rl episodes would overlap (152 is the first)")
     a("--seeds", type=seed_int, nargs="+", help="once per training seed in OUT/seed_S, then OUT/seeds.md across them")
     a("--device", default="auto", help="torch device for encoder, training and planning; auto = cuda if available")
     a("--force", action="store_true", help="re-run stages whose outputs exist (otherwise they are skipped)")
@@ -223,16 +236,16 @@ def build_parser():
     a("--rs-samples", type=positive_int, default=1000, help="random-shooting samples (seed: 1000)")
     a("--probe-episodes", type=positive_int, default=20, help="episodes rendered for the probe")
     a("--rl-steps", type=positive_int, default=100_000, help="SAC environment steps (= the seed's 500 demos x 200)")
-    a("--rl-envs", type=positive_int, default=8, help="SAC: environments stepped in lockstep, encoded as one batch")
+    a("--rl-envs", type=positive_int, default=8, help="SAC: environments stepped in lockstep (at most --batch-size)")
     a("--rl-demos", action="store_true", help="SAC: also a variant with half of each batch from the demos (RLPD)")
     a("--rl-eval-every", type=positive_int, default=10_000, help="SAC and imagine: environment steps between "
       "learning-curve points, each on a tenth of --eval-episodes")
     a("--imagine-steps", type=positive_int, default=60_000, help="imagine: real env steps after the Phase 2 data "
       "(200 exploration episodes + 60k = SAC's 100k)")
     a("--imagine-updates", type=positive_int, default=5_000, help="imagine: updates on the Phase 2 data before acting")
-    a("--long-episodes", type=partial(number, cast=int, what="an integer >= 0", low=0), default=50,
-      help="episodes of reacher-easy's own 1,000 steps per policy, for the "
-      "return DMC papers report (CEM: at most --plan-episodes); 0 skips, as --quick does")
+    a("--long-episodes", type=checked(int, lambda v: v >= 0, "an integer >= 0"), default=50, help="episodes of "
+      "reacher-easy's own 1,000 steps per policy, for the return DMC papers report (CEM: at most --plan-episodes); 0 "
+      "skips, as --quick does")
     return p
 
 
@@ -245,7 +258,7 @@ def given_options(argv):
 
 
 def resolve_knobs(args, typed):
-    """Each knob: --set if given, else --quick's size if any, else the recipe's column; then the follow-ons."""
+    """Each knob: --set if given, else --quick's size if any, else the recipe's column; then each SameAs."""
     for k in KNOBS:
         setattr(args, k, RECIPES[args.recipe][k])
     for k, v in QUICK.items():
@@ -255,12 +268,10 @@ def resolve_knobs(args, typed):
         setattr(args, k, v)
     if "expert" in typed and "demo_expert" not in typed:  # a typed --expert beats the recipe's demo expert
         args.demo_expert = args.expert
-    args.expert = args.demo_expert = args.demo_expert or args.expert
-    args.goal_expert = args.goal_expert or args.expert
-    args.goal_horizon = args.goal_horizon or args.plan_steps
-    args.rs_plan_steps = args.rs_plan_steps or args.plan_steps
-    args.plan_frame_size = args.plan_frame_size or args.frame_size
-    args.plan_precision = args.plan_precision or args.precision
+    args.expert = args.expert if isinstance(args.demo_expert, SameAs) else args.demo_expert  # the demo expert
+    for k in KNOBS:  # SameAs("x") -> x's value; no SameAs points at another SameAs
+        if isinstance(getattr(args, k), SameAs):
+            setattr(args, k, getattr(args, getattr(args, k).name))
 
 
 def parse_args(argv=None):
@@ -290,16 +301,16 @@ import torch.nn as nn  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-import report  # noqa: E402  (report.py, rope.py, sac.py and imagine.py import nothing back)
+import gpu  # noqa: E402  (gpu.py, report.py, rope.py, sac.py and imagine.py import nothing back)
 import imagine  # noqa: E402
+import report  # noqa: E402
 import rope  # noqa: E402
 import sac  # noqa: E402
 from report import UserError, atomic_path, load_json, save_json  # noqa: E402
 
 
 def save_model(path, model, data, mean, std, **extra):
-    """state_dict + plain metadata (the data's encoder and render look, the input standardisation), loadable with
-    torch.load(weights_only=True), which never unpickles arbitrary objects."""
+    """state_dict + plain metadata (data's encoder and look, input standardisation): loadable with weights_only."""
     meta = dict(encoder=data["meta"]["encoder"], render=data["meta"].get("render"), mean=mean.tolist(),
                 std=std.tolist(), **extra)
     with atomic_path(path) as tmp:
@@ -398,7 +409,7 @@ class Envs:
     def __init__(self, n, frame_size=None, lean=True, expert=None, action_repeat=1):
         self.n, self.envs, self.action_repeat = n, [make_env(0) for _ in range(n)], action_repeat
         self.renderer = Renderer(frame_size, lean) if frame_size else None
-        self.expert = EXPERTS.get(expert)
+        self.expert = EXPERTS[expert] if expert else None
 
     def observe(self, n):
         physics = [env.physics for env in self.envs[:n]]
@@ -423,9 +434,9 @@ class Envs:
         return self.observe(len(actions)), rewards
 
 
-# ---- Policies: policy(z, obs) -> actions (B, 2); z (B, D) tensor or None, obs: state, seed (and expert) -----------
+# ---- Policies: policy(z, obs) -> actions (B, 2); z (B, D) tensor or None; obs: state, seed, step (and expert) -----
 def expert_policy(z, obs):
-    """The expert's action, computed where the physics lives (Envs(expert=...))."""
+    """Executes obs["expert"]: the action of the expert named in Envs(expert=name), computed on its physics."""
     return obs["expert"]
 
 
@@ -436,21 +447,20 @@ def random_policy(rng):
     return act
 
 
-class EpsilonGreedy:
+def epsilon_greedy(policy, epsilon, seed):
     """`policy` with each action replaced by a uniform random one with probability epsilon, drawn from a
     generator seeded by (seed, episode seed): an episode's data never depend on its batch-mates."""
+    rngs = {}
 
-    def __init__(self, policy, epsilon, seed):
-        self.policy, self.epsilon, self.seed, self.rngs = policy, epsilon, seed, {}
-
-    def __call__(self, z, obs):
-        actions = np.asarray(self.policy(z, obs), dtype=np.float64).copy()
+    def act(z, obs):
+        actions = np.asarray(policy(z, obs), dtype=np.float64).copy()
         for j, s in enumerate(obs["seed"]):
-            if s not in self.rngs:
-                self.rngs[s] = np.random.default_rng([self.seed, s])
-            if self.rngs[s].random() < self.epsilon:
-                actions[j] = self.rngs[s].uniform(-1, 1, size=2)
+            if s not in rngs:
+                rngs[s] = np.random.default_rng([seed, s])
+            if rngs[s].random() < epsilon:
+                actions[j] = rngs[s].uniform(-1, 1, size=2)
         return actions
+    return act
 
 
 # ---- Frame window and encoder ------------------------------------------------------------------------------------
@@ -473,6 +483,15 @@ class Encoder:
     @property
     def pixels(self):
         return self.model is not None
+
+    @cached_property
+    def normalize(self):
+        """ImageNet's mean and std, as V-JEPA 2 was pretrained: (x / 255 - mean) / std = x * scale - shift on uint8
+        pixels, built once per encoder on its device, in the dtype its input runs in (fp32 unless low precision)."""
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "half": torch.float16}.get(self.precision,
+                                                                                           torch.float32)
+        mean, std = torch.tensor((0.485, 0.456, 0.406)), torch.tensor((0.229, 0.224, 0.225))
+        return (1 / (255 * std)).to(self.device, dtype), (mean / std).to(self.device, dtype)
 
     def info(self):
         rope = f"cached, {self.rope.grid} grid" if self.rope else "transformers' own (checkpoint grid)"
@@ -548,14 +567,20 @@ def load_encoder(name_or_path, device="cpu", precision="auto", seed=0, **feed):
     return variant(dataclasses.replace(encoder, rope=rope.install(model, encoder.positions)), precision)
 
 
-def preprocess(windows, dtype):
-    """uint8 (B, 8, H, W, 3) -> (B, 8, 3, H, W) in ImageNet mean/std: two in-place passes, channels-last, then a
-    permuted view, since (x / 255 - mean) / std = x / (255 std) - mean / std; in bf16 if the encoder runs so."""
-    x = windows.to(dtype)
-    mean = torch.tensor((0.485, 0.456, 0.406), device=x.device)  # ImageNet's: V-JEPA 2 was pretrained with them
-    std = torch.tensor((0.229, 0.224, 0.225), device=x.device)
-    x.mul_((1 / (255 * std)).to(dtype)).sub_((mean / std).to(dtype))
-    return x.permute(0, 1, 4, 2, 3)
+def preprocess(windows, scale, shift):
+    """uint8 (B, 8, H, W, 3) -> (B, 8, 3, H, W) in scale's dtype: x * scale - shift, two in-place passes on the
+    channels-last layout, then a permuted view."""
+    return windows.to(scale.dtype).mul_(scale).sub_(shift).permute(0, 1, 4, 2, 3)
+
+
+def check_windows(encoder, windows):
+    """One clear error for windows of the wrong shape or dtype, before any forward."""
+    want = (WINDOW, encoder.frame_size, encoder.frame_size, 3) if encoder.pixels else (WINDOW, encoder.dim)
+    if tuple(windows.shape[1:]) != want or (encoder.pixels and windows.dtype != torch.uint8):
+        kind = "uint8 windows" if encoder.pixels else "windows"
+        raise UserError(f"encode: expected a batch of {kind} (B, {', '.join(map(str, want))}), got "
+                        f"{str(windows.dtype).replace('torch.', '')} {tuple(windows.shape)}")
+    return windows
 
 
 @torch.inference_mode()
@@ -564,66 +589,39 @@ def encode(encoder, windows):
     Pixels: uint8 (B, 8, H, W, 3), numpy or torch, through V-JEPA 2's encoder (with its predictor too for forward
     'full', as the seed: same embedding); z = the mean over tokens of last_hidden_state. `state`: the last row of
     (B, 8, S). Form 'frame': the newest frame stands for the whole window (the seed's MPC)."""
-    windows = torch.as_tensor(windows).to(encoder.device, non_blocking=True)
-    want = (WINDOW, encoder.frame_size, encoder.frame_size, 3) if encoder.pixels else (WINDOW, encoder.dim)
-    if tuple(windows.shape[1:]) != want or (encoder.pixels and windows.dtype != torch.uint8):  # one clear error
-        kind = "uint8 windows" if encoder.pixels else "windows"
-        raise UserError(f"encode: expected a batch of {kind} (B, {', '.join(map(str, want))}), got "
-                        f"{str(windows.dtype).replace('torch.', '')} {tuple(windows.shape)}")
+    windows = check_windows(encoder, torch.as_tensor(windows).to(encoder.device, non_blocking=True))
     if encoder.form == "frame":
         windows = windows[:, -1:].expand_as(windows)
     if not encoder.pixels:
         return windows[:, -1].float()
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "half": torch.float16}.get(encoder.precision)
-    autocast = dtype is not None and encoder.precision != "half"  # half: the weights are fp16 already
     net = encoder.model if encoder.forward == "full" else encoder.model.encoder
-    fixed = hasattr(encoder.model.encoder, "_orig_mod")  # compiled for one batch shape: pad the last batch to it
-    z = []
-    for batch in windows.split(encoder.batch_size):
-        n = len(batch)
-        if fixed:
-            batch = torch.cat([batch, batch[-1:].expand(encoder.batch_size - n, *batch.shape[1:])])
-        with torch.autocast(windows.device.type, dtype=dtype, enabled=autocast):
-            z.append(net(pixel_values_videos=preprocess(batch, dtype or torch.float32)).last_hidden_state[:n])
-    return torch.cat([tokens.float().mean(1) for tokens in z])
-
-
-def compile_encoder(encoder, backend="inductor"):
-    """--compile (opt-in): torch.compile of V-JEPA 2's encoder for one batch shape, dynamic=False (`encode` pads
-    the last batch to it), so nothing recompiles within a frame size. It compiles at the first batch."""
-    if encoder.pixels:  # one eager window first builds the RoPE tables, or the compiled graph would recompile once
-        encode(encoder, torch.zeros((1, WINDOW, encoder.frame_size, encoder.frame_size, 3), dtype=torch.uint8))
-        encoder.model.encoder = torch.compile(encoder.model.encoder, backend=backend, dynamic=False)
-    return encoder
+    autocast = encoder.precision in ("bf16", "fp16")  # half: the weights are fp16 already
+    with torch.autocast(windows.device.type, encoder.normalize[0].dtype, enabled=autocast):
+        return torch.cat([net(pixel_values_videos=preprocess(batch, *encoder.normalize)).last_hidden_state.float()
+                          .mean(1) for batch in windows.split(encoder.batch_size)])
 
 
 # ---- Rolling out episodes: collection, evaluation, MPC and RL all step through this one loop ---------------------
-def frames_for(encoder):
-    """The frame size envs render at for this encoder: None for `state`, which reads the simulator."""
-    return encoder.frame_size if encoder.pixels else None
-
-
-def upload(array, device):
-    """numpy -> device; on CUDA through pinned memory, so the copy is asynchronous (pageable memory would make
-    non_blocking a no-op). Embeddings stay on the device until the episode ends: no sync a step."""
-    x = torch.from_numpy(array)
-    return x.pin_memory().to(device, non_blocking=True) if device.startswith("cuda") else x.to(device)
+def envs_for(args, encoder, n, expert=None, repeat=1):
+    """Envs for n episodes, up to --batch-size in lockstep, rendering what `encoder` sees (`state` renders none)."""
+    return Envs(min(n, args.batch_size), encoder.frame_size if encoder.pixels else None, args.render == "lean", expert,
+                repeat)
 
 
 def run_chunk(seeds, policy, encoder, envs, T, keep_z, keep_frames):
     """One lockstep batch of episodes (len(seeds) <= envs.n), T decisions each -> one dict per episode. The
     window (B, 8, ...) lives on the encoder's device and rolls by one frame a step, front-padded at reset."""
     obs, key = envs.reset(seeds), "frame" if encoder.pixels else "state"  # what fills the window
-    new = upload(obs[key], encoder.device)  # one upload a step, uint8 for frames
+    new = gpu.upload(obs[key], encoder.device)  # one upload a step, uint8 for frames; z stays on the device
     window = new[:, None].repeat(1, WINDOW, *[1] * (new.dim() - 1))
     z = [encode(encoder, window) if keep_z else None]
     states, frames = [obs["state"]], [obs.get("frame")]
     actions, rewards = np.zeros((len(seeds), T, 2), np.float32), np.zeros((len(seeds), T), np.float32)
     for t in range(T):
-        action = policy(z[-1], dict(obs, seed=seeds))
+        action = policy(z[-1], dict(obs, seed=seeds, step=t))
         obs, rewards[:, t] = envs.step(action)  # the policy's own values: stored below as float32
         actions[:, t] = action
-        new = upload(obs[key], encoder.device)
+        new = gpu.upload(obs[key], encoder.device)
         window = torch.cat([window[:, 1:], new[:, None]], 1)
         z.append(encode(encoder, window) if keep_z else None)
         states.append(obs["state"])
@@ -640,7 +638,8 @@ def run_episodes(seeds, policy, encoder, envs, steps, keep_z=False, keep_frames=
     """Roll out `policy` on episodes `seeds`, envs.n at a time in lockstep; the windows of all of them encode
     as one batch. Yields one dict per episode as its batch ends.
 
-    policy(z, obs) -> actions (B, 2); z is (B, D) when keep_z, else None; obs has state, seed (and expert).
+    policy(z, obs) -> actions (B, 2); z is (B, D) when keep_z, else None; obs has state, seed, step (0 at an
+    episode's start) and, with an expert, its actions.
     Each action is held for envs.action_repeat control steps; `steps` counts control steps.
     An episode: actions (T, 2), rewards (T,), states (T+1, S), distances (T+1,) finger to target, final_distance,
     z (T+1, D) if keep_z, frames (T+1, H, W, 3) if keep_frames (and envs render), else None; T = steps // repeat.
@@ -650,32 +649,27 @@ def run_episodes(seeds, policy, encoder, envs, steps, keep_z=False, keep_frames=
         chunk = [int(s) for s in seeds[start:start + envs.n]]
         yield from run_chunk(chunk, policy, encoder, envs, steps // envs.action_repeat, keep_z, keep_frames)
         if log:  # the time left, from the rate so far: long encodes say early what they will cost
-            done, spent = start + len(chunk), time.time() - t0
-            print(f"{desc}: {done}/{len(seeds)} episodes | {spent:.0f} s | ~{spent * (len(seeds) / done - 1):.0f} s "
-                  "left", file=sys.stderr, flush=True)
-
-
-def training_base(kind, seed):
-    """First episode seed of --seed's `collect`, `explore` or `rl` range: SeedSequence([seed, stage id]) mixed
-    into a 32-bit word in [HELD_OUT_END, 2**32 - MAX_EPISODES), so no training episode is ever a held-out one.
-    On a collision with the seed's earlier ranges (p ~ 5e-4 each) it takes the sequence's next word."""
-    span = 2 ** 32 - MAX_EPISODES - HELD_OUT_END
-    taken = [training_base(k, seed) for k, i in TRAINING.items() if i < TRAINING[kind]]
-    words = np.random.SeedSequence([seed, TRAINING[kind]]).generate_state(8)
-    return next(base for base in (HELD_OUT_END + int(w) % span for w in words)
-                if all(abs(base - other) >= MAX_EPISODES for other in taken))
+            finished, spent = start + len(chunk), time.time() - t0
+            left = spent * (len(seeds) / finished - 1)
+            print(f"{desc}: {finished}/{len(seeds)} episodes | {spent:.0f} s | ~{left:.0f} s left", file=sys.stderr,
+                  flush=True)
 
 
 def episode_seeds(kind, n, seed, same_as_seed_code=False):
-    """n episode seeds of `kind`: held-out kinds (eval, plan, probe, goal) are fixed ranges below HELD_OUT_END,
-    the same for every --seed; collect, explore and rl start at `training_base`, or at 0 for both demos and
-    exploration with same_as_seed_code (the seed reused its demo seeds)."""
+    """n episode seeds of `kind`. Held-out kinds (HELD_OUT) start at fixed seeds below 2**24, the same for every
+    --seed. Training kinds (TRAINING) start at 2**24 plus a 32-bit hash of (--seed, stage) modulo the room left, or
+    at 0 for demos and exploration alike with same_as_seed_code (the seed's code reused its demo seeds). A --seed
+    whose three training ranges would overlap (about 1 in 700; 152 is the first) is refused."""
     if n > MAX_EPISODES:
         raise UserError(f"at most {MAX_EPISODES:,} episodes per range, got {n:,}")
     if kind in HELD_OUT:
-        return [HELD_OUT[kind] + i for i in range(n)]
-    start = 0 if same_as_seed_code else training_base(kind, seed)
-    return [start + i for i in range(n)]
+        return list(range(HELD_OUT[kind], HELD_OUT[kind] + n))
+    room = 2 ** 32 - MAX_EPISODES - 2 ** 24
+    starts = [2 ** 24 + int(np.random.SeedSequence([seed, i]).generate_state(1)[0]) % room for i in range(3)]
+    if min(np.diff(sorted(starts))) < MAX_EPISODES:
+        raise UserError(f"--seed {seed}: its collect, explore and rl episodes would overlap; use another --seed")
+    start = 0 if same_as_seed_code else starts[TRAINING.index(kind)]
+    return list(range(start, start + n))
 
 
 # ---- Data collection: shards of per-episode files, merged into one memory-mappable dataset -----------------------
@@ -721,8 +715,8 @@ def collect_shard(args, encoder, shard_dir, seeds, expert, epsilon):
     todo = [s for s in seeds if not os.path.exists(episode_path(shard_dir, s))]
     if len(todo) < len(seeds):
         print(f"resuming {shard_dir}: {len(seeds) - len(todo)} of {len(seeds)} episodes already saved")
-    envs = Envs(min(args.batch_size, max(1, len(todo))), frames_for(encoder), args.render == "lean", expert)
-    policy = EpsilonGreedy(expert_policy, epsilon, args.seed) if epsilon > 0 else expert_policy
+    envs = envs_for(args, encoder, max(1, len(todo)), expert)
+    policy = epsilon_greedy(expert_policy, epsilon, args.seed) if epsilon > 0 else expert_policy
     for ep in run_episodes(todo, policy, encoder, envs, args.steps, keep_z=True,
                            desc=f"collect {os.path.basename(shard_dir)}"):
         with atomic_path(episode_path(shard_dir, ep["seed"])) as tmp, open(tmp, "wb") as f:
@@ -806,19 +800,12 @@ def load_dataset(data_dir, encoder=None, made_by="collect"):
 
 # ---- Training loop shared by BC and dynamics ---------------------------------------------------------------------
 def split_episodes(n_episodes, val_frac=0.1, seed=0, contiguous=False):
-    """Validation episodes: a seeded random val_frac of them, or the last val_frac (the seed's dynamics).
-    By episode, never by transition, which would leak neighbouring frames (see split_transitions)."""
+    """Validation episodes: a seeded random val_frac of them, or the last val_frac (the seed's dynamics). Ours split
+    by episode: the seed's BC split transitions (this on E * T "episodes"), which leaks neighbouring frames."""
     if n_episodes == 1:
         return np.array([0]), np.array([0])  # one episode: train and validate on it
     n_val = min(n_episodes - 1, max(1, int(round(n_episodes * val_frac))))
     idx = np.arange(n_episodes)[::-1] if contiguous else np.random.default_rng(seed).permutation(n_episodes)
-    return np.sort(idx[n_val:]), np.sort(idx[:n_val])
-
-
-def split_transitions(n_transitions, val_frac=0.2, seed=0):
-    """The seed's BC split: a random val_frac of all transitions (it was unseeded; this one is seeded)."""
-    idx = np.random.default_rng(seed).permutation(n_transitions)
-    n_val = max(1, int(round(n_transitions * val_frac)))
     return np.sort(idx[n_val:]), np.sort(idx[:n_val])
 
 
@@ -854,50 +841,35 @@ def evaluate_loss(model, batch_loss, n, split="val", chunk=4096):
     return sum(batch_loss(idx.numpy(), split).item() * len(idx) for idx in torch.arange(n).split(chunk)) / n
 
 
-def train_epoch(model, batch_loss, opt, order, grad_clip, sched=None):
-    """One pass over the training samples in `order`; returns the losses. sched steps once a batch if given."""
-    model.train()
-    losses = []
-    for idx in order:
-        loss = batch_loss(idx.numpy(), "train")
-        if not torch.isfinite(loss):
-            return losses + [loss.item()]
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if grad_clip > 0:
-            nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-        opt.step()
-        if sched is not None:
-            sched.step()
-        losses.append(loss.item())
-    return losses
-
-
-def fit(model, batch_loss, n_train, n_val, cfg, desc="train"):
-    """Adam(W) with cosine decay, for cfg: epochs, lr, batch_size, weight_decay, optimizer ('adamw' or 'adam'),
-    grad_clip (> 0 clips the gradient norm), schedule_step ('batch' or 'epoch'), keep ('best' or 'final' weights)
-    and seed. batch_loss(idx, split) -> mean loss over samples idx of 'train' or 'val'. A non-finite loss restores
-    the kept weights and stops with a UserError. Returns the history, the kept epoch and its validation loss."""
-    epochs, batch_size, keep = cfg["epochs"], cfg["batch_size"], cfg["keep"]
-    optimizer = torch.optim.AdamW if cfg["optimizer"] == "adamw" else torch.optim.Adam
-    opt = optimizer(model.parameters(), lr=cfg["lr"], weight_decay=cfg["weight_decay"])
-    per_batch = cfg["schedule_step"] == "batch"
-    params = sum(p.numel() for p in model.parameters())
+def fit(model, batch_loss, opt, n_train, n_val, epochs, batch_size, *, grad_clip=0.0, schedule_step="batch",
+        keep="final", seed=0, desc="train"):
+    """Train with `opt` under cosine decay (stepped per 'batch' or per 'epoch') on seeded batches of the n_train
+    samples; batch_loss(idx, split) -> mean loss over samples idx of 'train' or 'val'; grad_clip > 0 clips the
+    gradient norm. Keeps the 'final' epoch's weights or the 'best' on validation. A non-finite loss restores the
+    kept weights and stops with a UserError. Returns the history, the kept epoch and its validation loss."""
+    per_batch, g = schedule_step == "batch", torch.Generator().manual_seed(seed)
+    decay = epochs * (math.ceil(n_train / batch_size) if per_batch else 1)  # cosine to ~0 over the whole run
+    sched, params = torch.optim.lr_scheduler.CosineAnnealingLR(opt, decay), sum(p.numel() for p in model.parameters())
     small = next(model.parameters()).device.type == "cpu" and params * batch_size < 1e9
-    decay_steps = epochs * (max(1, math.ceil(n_train / batch_size)) if per_batch else 1)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, decay_steps)
-    g = torch.Generator().manual_seed(cfg["seed"])
-    kept = {"val": float("inf"), "state": copy.deepcopy(model.state_dict()), "epoch": -1}
-    history = {"train": [], "val": []}
+    history, kept = {"train": [], "val": []}, {"val": math.inf, "state": copy.deepcopy(model.state_dict()), "epoch": -1}
     for epoch in range(epochs):
-        t0 = time.time()
+        t0, losses = time.time(), []
         with cpu_threads(1 if small else None):
-            losses = train_epoch(model, batch_loss, opt, torch.randperm(n_train, generator=g).split(batch_size),
-                                 cfg["grad_clip"], sched if per_batch else None)
-            if not math.isfinite(losses[-1]):
-                model.load_state_dict(kept["state"])
-                raise UserError(f"{desc}: loss became {losses[-1]} at epoch {epoch}; stopped, kept the weights of "
-                                f"epoch {kept['epoch']}; try a lower learning rate")
+            model.train()
+            for idx in torch.randperm(n_train, generator=g).split(batch_size):
+                loss = batch_loss(idx.numpy(), "train")
+                losses.append(loss.item())
+                if not math.isfinite(losses[-1]):
+                    model.load_state_dict(kept["state"])
+                    raise UserError(f"{desc}: loss became {losses[-1]} at epoch {epoch}; stopped, kept the weights "
+                                    f"of epoch {kept['epoch']}; try a lower learning rate")
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                if grad_clip > 0:
+                    nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+                opt.step()
+                if per_batch:
+                    sched.step()
             history["val"].append(evaluate_loss(model, batch_loss, n_val))
         if not per_batch:
             sched.step()
@@ -922,15 +894,14 @@ def train_bc(data, args):
     """MSE regression of expert actions a_t from z-scored z_t with the bc_* knobs. bc_keep 'final': held-out MSE is
     dominated by the expert's near-target corrections and does not track closed-loop success (results/bc-seeds).
     Returns the model (on the CPU), its info and the input standardisation (mean, std)."""
-    np.random.seed(args.seed)
-    torch.manual_seed(args.seed)
+    torch.manual_seed(args.seed)  # the initial weights: every other draw has its own seeded generator
     z, actions = data["z"], data["actions"]
     E, T = actions.shape[:2]
     if args.bc_split == "episode":  # held-out episodes (ours), or random transitions (the seed's); seed: 80/20
         train_eps, val_eps = split_episodes(E, 0.2, args.seed)
         rows = {k: (eps[:, None] * T + np.arange(T)).ravel() for k, eps in (("train", train_eps), ("val", val_eps))}
     else:
-        train_eps, rows = np.arange(E), dict(zip(("train", "val"), split_transitions(E * T, 0.2, args.seed)))
+        train_eps, rows = np.arange(E), dict(zip(("train", "val"), split_episodes(E * T, 0.2, args.seed)))
     mean, std = standardizer(z[:, :T], train_eps if args.bc_norm == "train" else np.arange(E))
     X = torch.from_numpy(np.array(z[:, :T], np.float32).reshape(-1, z.shape[-1]))
     X = (X - torch.from_numpy(mean)) / torch.from_numpy(std)
@@ -941,10 +912,10 @@ def train_bc(data, args):
     def batch_loss(idx, split):
         x, y = cache[split]
         return F.mse_loss(model(x[idx]), y[idx])
-    cfg = dict(epochs=args.epochs, lr=args.bc_lr, batch_size=args.bc_batch_size, weight_decay=args.bc_weight_decay,
-               optimizer=args.bc_optimizer, grad_clip=0.0, schedule_step=args.schedule_step, keep=args.bc_keep,
-               seed=args.seed)
-    fitted = fit(model, batch_loss, len(rows["train"]), len(rows["val"]), cfg, desc="bc")
+    optimizer = torch.optim.AdamW if args.bc_optimizer == "adamw" else torch.optim.Adam
+    fitted = fit(model, batch_loss, optimizer(model.parameters(), lr=args.bc_lr, weight_decay=args.bc_weight_decay),
+                 len(rows["train"]), len(rows["val"]), args.epochs, args.bc_batch_size,
+                 schedule_step=args.schedule_step, keep=args.bc_keep, seed=args.seed, desc="bc")
     info = {"params": sum(p.numel() for p in model.parameters()),
             "train_mse": evaluate_loss(model, batch_loss, len(rows["train"]), "train"),
             "val_mse": fitted["kept_val"], "kept_epoch": fitted["kept_epoch"], "epochs": args.epochs,
@@ -1003,17 +974,21 @@ class Dynamics(nn.Module):
         return loss
 
 
+def dynamics_split(n_episodes, args):
+    """Training and validation episodes of every dynamics model: a random 10% (ours) or the last 20% (the seed's)."""
+    contiguous = args.dyn_split == "contiguous"
+    return split_episodes(n_episodes, 0.2 if contiguous else 0.1, args.seed, contiguous)
+
+
 def train_dynamics(name, data, args, epochs):
     """SmoothL1 on z_{t+1..t+k}, unrolled k steps on the model's own predictions (k = 5 for mlp_rollout5).
     rollout_sampling 'every-start' trains on every (episode, start); 'one-start' on batches of 64 training episodes
     sharing one random start, as the seed's Phase 4c. rollout_val 'every-10th' validates on t0 in range(0, T-k, 2k)."""
-    np.random.seed(args.seed)
-    torch.manual_seed(args.seed)
+    torch.manual_seed(args.seed)  # the initial weights: every other draw has its own seeded generator
     z, actions, device = data["z"], data["actions"], args.device
     E, T = actions.shape[:2]
     k = min(5 if name == "mlp_rollout5" else 1, T)
-    contiguous = args.dyn_split == "contiguous"
-    train_eps, val_eps = split_episodes(E, 0.2 if contiguous else 0.1, args.seed, contiguous)
+    train_eps, val_eps = dynamics_split(E, args)
     mean, std = standardizer(z, train_eps, args.dyn_norm == "train")
     mean_t, std_t = torch.from_numpy(mean), torch.from_numpy(std)
     starts = {s: np.array([(e, t) for e in eps for t in range(0, T - k + (n == 1) or 1, n)]) for s, eps, n in
@@ -1021,7 +996,7 @@ def train_dynamics(name, data, args, epochs):
     # the seed's k-step loss weighs step h by (h+1)/k and divides the sum by k: ~0.6x one step's, not k times
     weights = [1.0] * k if args.rollout_loss == "sum" else [(h + 1) / k / k for h in range(k)]
     model = Dynamics(name, z.shape[-1], args.resblock_relu == "on").to(device)
-    start_rng = np.random.default_rng([args.seed, 4])
+    start_rng = np.random.default_rng([args.seed, 4])  # (seed, 4): a stream apart from (seed, 0-2) of the episodes
     one_start = args.rollout_sampling == "one-start" and k > 1  # the seed's 1-step models saw every transition
 
     def batch_loss(idx, split):
@@ -1036,10 +1011,9 @@ def train_dynamics(name, data, args, epochs):
         with torch.autocast(torch.device(device).type, torch.bfloat16, enabled=args.train_dtype == "bf16"):
             return model.unrolled_loss(zs.to(device, non_blocking=True), a.to(device, non_blocking=True), weights)
     n_train, batch_size = (len(train_eps), 64) if one_start else (len(starts["train"]), 256)  # seed: 256
-    fitted = fit(model, batch_loss, n_train, len(starts["val"]), dict(
-        epochs=epochs, lr=args.dyn_lr, batch_size=batch_size, weight_decay=1e-4, optimizer="adamw",  # seed: AdamW 1e-4
-        grad_clip=args.dyn_grad_clip, schedule_step=args.schedule_step, keep="best", seed=args.seed),
-        desc=f"dynamics {name}")
+    opt = torch.optim.AdamW(model.parameters(), lr=args.dyn_lr, weight_decay=1e-4)  # seed: AdamW, decay 1e-4
+    fitted = fit(model, batch_loss, opt, n_train, len(starts["val"]), epochs, batch_size, grad_clip=args.dyn_grad_clip,
+                 schedule_step=args.schedule_step, keep="best", seed=args.seed, desc=f"dynamics {name}")
     return model.cpu(), {"params": sum(p.numel() for p in model.parameters()), "val_loss": fitted["kept_val"],
                          "kept_epoch": fitted["kept_epoch"], "history": fitted["history"], "rollout": k,
                          "rollout_weights": weights, "epochs": epochs, "val_episodes": val_eps.tolist()}, (mean, std)
@@ -1111,14 +1085,14 @@ def latent_cost(model, z, z_goal, cost="final", dtype=torch.float32):
     """cost_fn for `cem`: L2 distance of the imagined latents to z_goal (both (batch, D), standardised), at the
     last step ('final': ours, and the seed's random shooting) or weighted (t+1)/H over the horizon ('weighted': the
     seed's CEM). dtype bf16/fp16 runs the rollouts under autocast; a model with half weights runs in its dtype."""
-    weights = next(model.parameters(), torch.empty(0)).dtype  # fp32 for a model without parameters
+    net_dtype = next(model.parameters(), torch.empty(0)).dtype  # fp32 for a model without parameters
 
     def cost_fn(actions):
-        (B, S, H, A), actions = actions.shape, actions.to(weights)  # a half-weight net gets half inputs, cast once
-        zz = z[:, None].expand(B, S, -1).reshape(B * S, -1).to(weights)
+        (B, S, H, A), actions = actions.shape, actions.to(net_dtype)  # a half net gets half inputs, cast once
+        zz = z[:, None].expand(B, S, -1).reshape(B * S, -1).to(net_dtype)
         goal = z_goal[:, None].expand(B, S, -1).reshape(B * S, -1).float()
         total = torch.zeros(B * S, device=z.device)
-        autocast = dtype != torch.float32 and weights == torch.float32
+        autocast = dtype != torch.float32 and net_dtype == torch.float32
         with torch.no_grad(), torch.autocast(z.device.type, dtype=dtype, enabled=autocast):
             for h in range(H):
                 zz = model(zz, actions[:, :, h].reshape(B * S, A))
@@ -1129,95 +1103,51 @@ def latent_cost(model, z, z_goal, cost="final", dtype=torch.float32):
     return cost_fn
 
 
-@contextlib.contextmanager
-def tf32(device):
-    """TF32 matmuls while planning on CUDA: CEM ranks costs and does not need fp32's last bits."""
-    old = torch.backends.cuda.matmul.fp32_precision
-    torch.backends.cuda.matmul.fp32_precision = "tf32" if device.startswith("cuda") else old
-    try:
-        yield
-    finally:
-        torch.backends.cuda.matmul.fp32_precision = old
-
-
 class MPC:
-    """Model-predictive control in latent space: plan from z, execute the first action, replan. planner 'cem' warm-
-    starts from its previous mean shifted one step, std reset to cem_init_std; 'random' keeps the best of
-    --rs-samples uniform sequences. z_goal: {episode seed: (D,) raw z}; mean/std: the model's standardisation."""
+    """Model-predictive control in latent space, a policy(z, obs): each step plan from z toward the episode's goal
+    with `cem` (its `settings`), execute the first action of the elite mean (or of the best sample), replan. Within
+    an episode CEM starts from its last mean shifted one step (the new last step repeated, or 0 with warm_tail
+    'zero'); each episode starts cold. z_goal: {episode seed: (D,) raw z}; standardisation: the model's (mean, std).
+    dtype 'bf16': bf16 autocast, or on CUDA an fp16 copy of the net; graph: each call one CUDA graph; TF32 on."""
 
-    def __init__(self, model, z_goal, mean, std, args, planner, name=""):
-        self.args, self.planner, self.name, self.device = args, planner, name, args.device
-        self.model = model.to(self.device)
-        self.z_goal, self.warm, self.seconds = z_goal, {}, 0.0
-        self.mean, self.std = (torch.from_numpy(x).to(self.device) for x in (mean, std))
-        self.generator = torch.Generator(device=self.device).manual_seed(args.seed)
+    def __init__(self, model, z_goal, standardisation, settings, *, cost="final", execute="mean",
+                 warm_tail="repeat", dtype="fp32", graph=False, seed=0):
+        self.device = str(next(model.parameters()).device)
+        self.model, self.z_goal, self.settings, self.cost = model, z_goal, settings, cost
+        self.execute, self.warm_tail, self.graph = execute, warm_tail, gpu.Graphed(self.plan) if graph else None
+        self.mean, self.std = (torch.from_numpy(x).to(self.device) for x in standardisation)
+        self.generator = torch.Generator(device=self.device).manual_seed(seed)
         half = torch.float16 if self.device.startswith("cuda") else torch.bfloat16
-        self.dtype = half if args.plan_dtype == "bf16" else torch.float32
+        self.dtype = half if dtype == "bf16" else torch.float32
         if self.dtype == torch.float16:  # CUDA: an fp16 copy of the net; autocast would re-cast its weights each call
-            self.model = copy.deepcopy(self.model).half()
-        self.cost = "final" if planner == "random" and args.rs_goal == "random-run" else args.cost
-        self.graphs = {} if args.plan_graph == "on" and planner == "cem" else None
+            self.model = copy.deepcopy(model).half()
+        self.warm, self.seconds = None, 0.0
 
     def standardize(self, z):
         return (torch.as_tensor(z, dtype=torch.float32).to(self.device) - self.mean) / self.std
 
     def __call__(self, z, obs):
-        with tf32(self.device):
-            return self.act(z, obs)
-
-    def act(self, z, obs):
-        t0, a, seeds = time.perf_counter(), self.args, obs["seed"]
+        t0, seeds, s = time.perf_counter(), obs["seed"], self.settings
         z, goal = self.standardize(z), self.standardize(np.stack([self.z_goal[s] for s in seeds]))
-        fn = latent_cost(self.model, z, goal, self.cost, self.dtype)
-        if self.planner == "random":  # seed Phase 4: 1000 uniform sequences, keep the best
-            best, _, _ = cem(fn, len(seeds), a.horizon, samples=a.rs_samples, elites=1, iterations=1,
-                             uniform_first=True, generator=self.generator, device=self.device)
-            action = best[:, 0]
-        else:
-            mean = None
-            if all(s in self.warm for s in seeds):  # shifted one step; the new last step repeats the last or is 0
-                mean = torch.stack([self.warm[s] for s in seeds])
-                tail = mean[:, -1:] if a.warm_tail == "repeat" else torch.zeros_like(mean[:, -1:])
-                mean = torch.cat([mean[:, 1:], tail], 1)
-            if self.graphs is not None:
-                zero = torch.zeros((len(seeds), a.horizon, 2), device=self.device)
-                best, m = self.static_cem(z, goal, zero if mean is None else mean)
-            else:
-                best, m, _ = cem(fn, len(seeds), a.horizon, samples=a.samples, elites=a.elites,
-                                 iterations=a.iterations, mean=mean, init_std=a.cem_init_std,
-                                 generator=self.generator, device=self.device, unbiased=a.elite_std == "unbiased")
-            self.warm.update(zip(seeds, m))
-            action = (m if a.execute == "mean" else best)[:, 0]
+        mean = torch.zeros((len(z), s["horizon"], 2), device=self.device)  # cold, as cem's own start
+        if obs["step"] > 0:  # warm: the last step's mean, shifted by one
+            tail = self.warm[:, -1:] if self.warm_tail == "repeat" else torch.zeros_like(self.warm[:, -1:])
+            mean = torch.cat([self.warm[:, 1:], tail], 1)
+        with gpu.tf32(self.device):
+            if self.graph is None:
+                best, self.warm = self.plan(z, goal, mean)
+            else:  # the graph cannot draw from the generator: its noise comes in as an input
+                noise = torch.randn((s["iterations"], len(z), s["samples"], s["horizon"], 2),
+                                    generator=self.generator, device=self.device)
+                best, self.warm = self.graph(z, goal, mean, noise)
         self.seconds += time.perf_counter() - t0
-        return action.float().cpu().numpy()
+        return (self.warm if self.execute == "mean" else best)[:, 0].float().cpu().numpy()
 
-    def static_cem(self, z, goal, mean):
-        """plan_graph: CEM on static buffers, its noise drawn up front; on CUDA its iterations are captured once per
-        batch size in a CUDA graph and replayed (one launch for ~700), elsewhere the same code runs eagerly."""
-        a, B = self.args, len(z)
-        if B not in self.graphs:
-            io = dict(z=z.clone(), goal=goal.clone(), mean=mean.clone(),
-                      noise=torch.empty((a.iterations, B, a.samples, a.horizon, 2), device=self.device))
-            run = partial(cem, latent_cost(self.model, io["z"], io["goal"], self.cost, self.dtype), B, a.horizon,
-                          samples=a.samples, elites=a.elites, iterations=a.iterations, mean=io["mean"],
-                          init_std=a.cem_init_std, noise=io["noise"], device=self.device,
-                          unbiased=a.elite_std == "unbiased")
-            graph = torch.cuda.CUDAGraph() if self.device.startswith("cuda") else None
-            if graph is not None:  # warm up on a side stream, then capture, as torch.cuda.graph asks
-                side = torch.cuda.Stream()
-                side.wait_stream(torch.cuda.current_stream())
-                with torch.cuda.stream(side):
-                    run()
-                torch.cuda.current_stream().wait_stream(side)
-                with torch.cuda.graph(graph):
-                    io["out"] = run()
-            self.graphs[B] = graph, run, io
-        graph, run, io = self.graphs[B]
-        for k, v in (("z", z), ("goal", goal), ("mean", mean)):
-            io[k].copy_(v)
-        io["noise"].normal_(generator=self.generator)
-        out = run() if graph is None else graph.replay() or io["out"]
-        return out[0].clone(), out[1].clone()
+    def plan(self, z, goal, mean, noise=None):
+        """One `cem` call: the best sequence and the elite mean, (B, horizon, 2) each."""
+        fn = latent_cost(self.model, z, goal, self.cost, self.dtype)
+        return cem(fn, len(z), mean=mean, noise=noise, generator=self.generator, device=self.device,
+                   **self.settings)[:2]
 
 
 def gif_episode(seed, policy, encoder, envs, steps):
@@ -1250,16 +1180,22 @@ def probe_embeddings(z, states, min_speed=1e-3):
 # ---- Stages ------------------------------------------------------------------------------------------------------
 # Stages read and write only files in the run folder, so any can be re-run alone; False: skipped, nothing written.
 def exists_skip(args, path, stage):
-    """The one skip rule: outputs that exist are kept unless --force."""
+    """The skip rule of a stage with one output: kept if it exists, unless --force."""
     if os.path.exists(path) and not args.force:
         print(f"{stage}: {path} exists; --force to redo")
         return True
     return False
 
 
-def stage_envs(args, encoder, n, expert=None):
-    """Envs for n episodes: up to --batch-size in lockstep, rendering what `encoder` sees."""
-    return Envs(min(n, args.batch_size), frames_for(encoder), args.render == "lean", expert)
+def saved_and_todo(args, path, key, wanted, stage, complete=lambda entry: True):
+    """The resume rule of rl, dynamics and plan, which save each part as it ends: the results saved at `path` (kept
+    under --force too, so parts not asked for stay) and the parts of `wanted` to run: those missing from
+    results[key] or not complete(entry), or all of them with --force."""
+    saved = load_json(path) if os.path.exists(path) else {key: {}}
+    todo = [w for w in wanted if args.force or w not in saved[key] or not complete(saved[key][w])]
+    if not todo:
+        print(f"{stage}: {path} has {', '.join(wanted)}; --force to redo")
+    return saved, todo
 
 
 def data_dir(args, expert, epsilon):
@@ -1337,20 +1273,20 @@ def stage_eval(args, encoder):
         return False
     bc = bc_policy(*load_checked(args, encoder, os.path.join(args.out, "bc.pt"), "bc", bc_net(encoder.dim)))
     seeds = episode_seeds("eval", args.eval_episodes, args.seed)
-    policies = dict.fromkeys(EXPERT_NAMES, expert_policy) | {"random": random_policy(np.random.default_rng(args.seed))}
-    metrics = {}
-    for name, policy in policies.items():  # they act on the physics: no rendering, no encoding
-        envs = Envs(min(len(seeds), 100), expert=name)
-        metrics[name] = report.episode_metrics(list(run_episodes(seeds, policy, load_encoder("state"), envs,
-                                                                 args.steps, desc=name)), args.steps)
+    metrics, random = {}, random_policy(np.random.default_rng(args.seed))
+    for name in (*EXPERT_NAMES, "random"):  # they act on the physics: no rendering, no encoding
+        envs = Envs(min(len(seeds), 100), expert=name if name in EXPERTS else None)  # Envs runs the expert `name`
+        policy = random if name == "random" else expert_policy
+        eps = run_episodes(seeds, policy, load_encoder("state"), envs, args.steps, desc=name)
+        metrics[name] = report.episode_metrics(list(eps), args.steps)
         if args.long_episodes:
             metrics[name]["standard"] = long_return(seeds[:args.long_episodes], policy, load_encoder("state"), envs,
                                                     False)
-    eps = run_episodes(seeds, bc, encoder, stage_envs(args, encoder, len(seeds)), args.steps, keep_z=True,
+    eps = run_episodes(seeds, bc, encoder, envs_for(args, encoder, len(seeds)), args.steps, keep_z=True,
                        desc="eval bc")
     metrics["bc"] = report.episode_metrics(list(eps), args.steps)
     if args.long_episodes:
-        metrics["bc"]["standard"] = long_return(seeds[:args.long_episodes], bc, encoder, stage_envs(args, encoder,
+        metrics["bc"]["standard"] = long_return(seeds[:args.long_episodes], bc, encoder, envs_for(args, encoder,
                                                                                                     len(seeds)))
     results = {"experts": {k: metrics[k] for k in EXPERT_NAMES}, "steps": args.steps,
                "eval": {"bc": metrics["bc"], "random": metrics["random"]}}
@@ -1374,12 +1310,12 @@ def run_sac(args, encoder, data, standardisation, result, name):
     agent = sac.SACAgent(encoder.dim, mean, std, repeat, seed=args.seed, device=args.device, demos=demos,
                          capacity=math.ceil(args.rl_steps / per_episode) * (per_episode // repeat),
                          learning_starts=min(5_000, args.rl_steps // 4))  # quick runs learn too
-    eval_envs = Envs(min(args.eval_episodes, args.batch_size), frames_for(encoder), args.render == "lean", None, repeat)
+    eval_envs = envs_for(args, encoder, args.eval_episodes, repeat=repeat)
 
     def evaluate(agent, n):
         eps = run_episodes(episode_seeds("eval", n, args.seed), agent.greedy, encoder, eval_envs, args.steps, True)
         return report.episode_metrics(list(eps), args.steps)
-    envs = Envs(args.rl_envs, frames_for(encoder), args.render == "lean", None, repeat)
+    envs = envs_for(args, encoder, args.rl_envs, repeat=repeat)
     play = partial(run_episodes, policy=agent, encoder=encoder, envs=envs, steps=args.steps, keep_z=True)
     seeds = episode_seeds("rl", math.ceil(args.rl_steps / per_episode), args.seed)
     curve = sac.train(agent, play, seeds, envs.n, partial(evaluate, n=min(args.rl_eval_episodes, args.eval_episodes)),
@@ -1400,11 +1336,10 @@ def stage_rl(args, encoder):
     """SAC on frozen embeddings standardised with the Phase 1 data's statistics, without and (--rl-demos) with
     those demos mixed in; each variant is kept once it finishes."""
     path = os.path.join(args.out, "rl.json")
-    result = load_json(path) if os.path.exists(path) and not args.force else {"runs": {}, "eval": {}}
-    todo = [name for name in ["rl"] + ["rl+demos"] * args.rl_demos if name not in result["runs"]]
+    result, todo = saved_and_todo(args, path, "runs", ["rl"] + ["rl+demos"] * args.rl_demos, "rl")
     if not todo:
-        print(f"rl: {path} has every variant; --force to redo")
         return False
+    result.setdefault("eval", {})
     folder = data_dir(args, args.expert, args.epsilon)
     data = load_dataset(folder, encoder)
     result.update(standardisation=f"the Phase 1 data ({os.path.relpath(folder, args.out)})", steps=args.steps)
@@ -1418,23 +1353,20 @@ def stage_rl(args, encoder):
 def stage_dynamics(args, encoder):
     """Train --dynamics; a re-run with a subset keeps the other models and clears plans made with retrained ones."""
     path, plan_path = os.path.join(args.out, "dynamics.json"), os.path.join(args.out, "plan.json")
-    done = load_json(path)["dynamics"] if os.path.exists(path) else {}
-    todo = [m for m in args.dynamics if args.force or m not in done]
+    saved, todo = saved_and_todo(args, path, "dynamics", args.dynamics, "dynamics")
     if not todo:
-        print(f"dynamics: {path} has {', '.join(args.dynamics)}; --force to retrain")
         return False
     data = load_dataset(data_dir(args, *EXPLORE), encoder, made_by="explore")
+    common = standardizer(data["z"], dynamics_split(len(data["z"]), args)[0])  # every model's k-step errors in it
     for name in todo:
         epochs = args.dyn_epochs or {"mlp": 100, "mlp_rollout5": args.rollout_epochs, "resblock": 150}[name]  # seed
         model, info, (mean, std) = train_dynamics(name, data, args, epochs)
-        train_eps = np.setdiff1d(np.arange(len(data["z"])), info["val_episodes"]) if len(data["z"]) > 1 else [0]
         info["kstep_error"], info["kstep_copy"] = kstep_error(model.to(args.device), data["z"], data["actions"],
-                                                              info["val_episodes"], (mean, std),
-                                                              standardizer(data["z"], train_eps))
+                                                              info["val_episodes"], (mean, std), common)
         save_model(os.path.join(args.out, f"dynamics_{name}.pt"), model.cpu(), data, mean, std, name=name,
                    resblock_relu=args.resblock_relu == "on")
-        done[name] = info
-        save_json(path, {"dynamics": done})
+        saved["dynamics"][name] = info
+        save_json(path, saved)
         plans = load_json(plan_path) if os.path.exists(plan_path) else {"plan": {}}
         stale = [c for c in plans["plan"] if c.endswith("/" + name)]
         for c in stale:  # plans made with the old model no longer match it
@@ -1442,7 +1374,7 @@ def stage_dynamics(args, encoder):
         if stale:
             save_json(plan_path, plans)
             print(f"dynamics: cleared plan results {', '.join(stale)} (made with the old {name}); re-run `plan`")
-    print(report.dynamics_table({"dynamics": done}))
+    print(report.dynamics_table(saved))
 
 
 def stage_imagine(args, encoder):
@@ -1458,7 +1390,7 @@ def stage_imagine(args, encoder):
                                   capacity=data["actions"].size // 2 + n_episodes * args.steps)
     for e in range(len(data["z"])):  # the Phase 2 episodes: replay, and the env steps they cost
         learner.add_episode({k: data[k][e] for k in ("z", "actions", "rewards")})
-    envs = stage_envs(args, encoder, min(args.rl_envs, args.eval_episodes))
+    envs = envs_for(args, encoder, min(args.rl_envs, args.eval_episodes))
 
     def evaluate(policy, kind="eval", n=args.eval_episodes, steps=args.steps, diagnose=False):
         eps = list(run_episodes(episode_seeds(kind, n, args.seed), policy, encoder, envs, steps, keep_z=True))
@@ -1491,10 +1423,10 @@ def plan_goals(args, encoder, seeds, kind):
     goal_form: the 8-frame window there (ours) or that one frame repeated x8 (the seed's)."""
     encoder = variant(encoder, form=args.goal_form)
     if kind == "expert":
-        policy, steps, envs = expert_policy, args.goal_horizon, stage_envs(args, encoder, len(seeds), args.goal_expert)
+        policy, steps, envs = expert_policy, args.goal_horizon, envs_for(args, encoder, len(seeds), args.goal_expert)
     else:
         seeds, policy, steps = episode_seeds("goal", len(seeds), 0), random_policy(np.random.default_rng(0)), 500
-        envs = stage_envs(args, encoder, len(seeds))
+        envs = envs_for(args, encoder, len(seeds))
     eps = list(run_episodes(seeds, policy, encoder, envs, steps, keep_z=True, desc=f"{kind} goals"))
     if kind == "expert":
         at = [1 + int(ep["distances"][1:].argmin()) for ep in eps]
@@ -1504,25 +1436,38 @@ def plan_goals(args, encoder, seeds, kind):
     return np.stack([ep["z"][t] for ep, t in zip(eps, at)]).astype(np.float32), info
 
 
-def plan_gif(args, mpc, encoder, seed, steps):
+def plan_gif(args, mpc, encoder, seed, steps, title):
     """One more episode of the first CEM model, rendered, beside the goal expert's closest-approach frame."""
     lean = args.render == "lean"
     ep = gif_episode(seed, mpc, encoder, Envs(1, args.plan_frame_size, lean), steps)
     envs = Envs(1, args.plan_frame_size, lean, args.goal_expert)
     goal = gif_episode(seed, expert_policy, load_encoder("state"), envs, args.goal_horizon)
-    report.save_rollout_gif(os.path.join(args.out, "rollout_cem.gif"), ep, f"CEM {mpc.name}",
+    report.save_rollout_gif(os.path.join(args.out, "rollout_cem.gif"), ep, title,
                             goal["frames"][1 + int(goal["distances"][1:].argmin())])
+
+
+def make_mpc(args, planner, model, z_goal, standardisation):
+    """The MPC of `planner`, 'cem' or 'random' (random shooting: CEM with one uniform iteration keeping its best)."""
+    if planner == "random":  # seed Phase 4: 1000 uniform sequences, keep the best
+        settings = dict(horizon=args.horizon, samples=args.rs_samples, elites=1, iterations=1, uniform_first=True)
+    else:  # seed: horizon 10, 500 samples, 50 elites, 5 iterations
+        settings = dict(horizon=args.horizon, samples=args.samples, elites=args.elites, iterations=args.iterations,
+                        init_std=args.cem_init_std, unbiased=args.elite_std == "unbiased")
+    # the seed's random shooting scored the last step alone, with its random-run goal: --recipe seed keeps both
+    cost = "final" if planner == "random" and args.rs_goal == "random-run" else args.cost
+    return MPC(model.to(args.device), z_goal, standardisation, settings, cost=cost, execute=args.execute,
+               warm_tail=args.warm_tail, dtype=args.plan_dtype, graph=planner == "cem" and args.plan_graph == "on",
+               seed=args.seed)
 
 
 def stage_plan(args, encoder):
     """Random shooting and CEM with each dynamics model on the plan episodes; each planner/model pair is saved as
     soon as it finishes, and a re-run does only the missing pairs."""
     path, gif = os.path.join(args.out, "plan.json"), args.force or not os.path.exists(f"{args.out}/rollout_cem.gif")
-    done = load_json(path) if os.path.exists(path) and not args.force else {"plan": {}, "plan_traces": {}}
-    todo = [c for c in args.plans if c.split("/")[1] in args.dynamics and (c not in done["plan"] or (
-        args.long_episodes and "standard" not in done["plan"][c]))]  # a pair, or its 1,000-step return, missing
+    wanted = [c for c in args.plans if c.split("/")[1] in args.dynamics]
+    saved, todo = saved_and_todo(args, path, "plan", wanted, "plan",  # a pair, or its 1,000-step return, missing
+                                 complete=lambda entry: not args.long_episodes or "standard" in entry)
     if not todo:
-        print(f"plan: {path} has {', '.join(args.plans)}; --force to redo")
         return False
     models = {name: load_checked(args, encoder, os.path.join(args.out, f"dynamics_{name}.pt"), "dynamics")
               for name in sorted({c.split("/")[1] for c in todo})}  # refused, if at all, before any rollout
@@ -1532,27 +1477,28 @@ def stage_plan(args, encoder):
     goals = dict.fromkeys(("cem", "random"), plan_goals(args, plan_encoder, seeds, "expert"))
     if args.rs_goal == "random-run" and any(c.startswith("random/") for c in todo):
         goals["random"] = plan_goals(args, plan_encoder, seeds, "random-run")
+    saved.setdefault("plan_traces", {})
     for combo in todo:
         planner, name = combo.split("/")
         (z_goal, info), steps = goals[planner], args.rs_plan_steps if planner == "random" else args.plan_steps
         model, mean, std = models[name]
-        mpc = MPC(model, dict(zip(seeds, z_goal)), mean, std, args, planner, name)
-        if combo not in done["plan"]:
-            eps = list(run_episodes(seeds, mpc, plan_encoder, stage_envs(args, plan_encoder, len(seeds)), steps,
+        mpc = make_mpc(args, planner, model, dict(zip(seeds, z_goal)), (mean, std))
+        if args.force or combo not in saved["plan"]:
+            eps = list(run_episodes(seeds, mpc, plan_encoder, envs_for(args, plan_encoder, len(seeds)), steps,
                                     keep_z=True, desc=f"plan {combo}"))
-            done["plan"][combo], done["plan_traces"][combo] = report.plan_metrics(eps, steps, mpc.seconds, info)
-            save_json(path, dict(done, steps=args.plan_steps))
-            print(f"plan {combo}: success {report.fmt_rate(done['plan'][combo])}")
+            saved["plan"][combo], saved["plan_traces"][combo] = report.plan_metrics(eps, steps, mpc.seconds, info)
+            save_json(path, dict(saved, steps=args.plan_steps))
+            print(f"plan {combo}: success {report.fmt_rate(saved['plan'][combo])}")
         if planner == "cem" and gif:  # the first CEM model's
-            plan_gif(args, mpc, plan_encoder, seeds[0], steps)
+            plan_gif(args, mpc, plan_encoder, seeds[0], steps, f"CEM {name}")
             gif = False
         if args.long_episodes:  # a fresh planner: the same goals, over reacher-easy's 1,000 steps
             long_seeds = seeds[:args.long_episodes]
-            mpc = MPC(model, dict(zip(seeds, z_goal)), mean, std, args, planner, name)
-            long = long_return(long_seeds, mpc, plan_encoder, stage_envs(args, plan_encoder, len(long_seeds)))
-            done["plan"][combo]["standard"] = dict(long, ms_per_action=1e3 * mpc.seconds / MAX_STEPS / len(long_seeds))
-            save_json(path, dict(done, steps=args.plan_steps))
-    print(report.plan_table(dict(done, encoder=encoder.info()), args.plan_steps))
+            mpc = make_mpc(args, planner, model, dict(zip(seeds, z_goal)), (mean, std))
+            long = long_return(long_seeds, mpc, plan_encoder, envs_for(args, plan_encoder, len(long_seeds)))
+            saved["plan"][combo]["standard"] = dict(long, ms_per_action=1e3 * mpc.seconds / MAX_STEPS / len(long_seeds))
+            save_json(path, dict(saved, steps=args.plan_steps))
+    print(report.plan_table(dict(saved, encoder=encoder.info()), args.plan_steps))
 
 
 def stage_probe(args, encoder):
@@ -1569,8 +1515,8 @@ def stage_probe(args, encoder):
                                                               precision="fp32", rope=tables), encoder.precision)
     z = {}
     for name, enc in encoders.items():
-        eps = list(run_episodes(seeds, EpsilonGreedy(expert_policy, EXPLORE[1], args.seed), enc,
-                                stage_envs(args, enc, len(seeds), EXPLORE[0]), args.steps, keep_z=True, desc=name))
+        eps = list(run_episodes(seeds, epsilon_greedy(expert_policy, EXPLORE[1], args.seed), enc,
+                                envs_for(args, enc, len(seeds), EXPLORE[0]), args.steps, keep_z=True, desc=name))
         z[name] = np.stack([ep["z"] for ep in eps])
     states = np.stack([ep["states"] for ep in eps])
     if encoder.pixels:  # the oracle column
@@ -1607,11 +1553,10 @@ def run(args):
     """The stage (or all of them) on one run folder, which belongs to one encoder: another is refused first."""
     if args.stage in ("report", "merge"):  # need no encoder: everything comes from the run folder
         return STAGES[args.stage](args, None)
-    np.random.seed(args.seed)
-    torch.manual_seed(args.seed)
     encoder = load_encoder(args.encoder, args.device, args.precision, args.seed, frame_size=args.frame_size,
                            forward=args.encoder_forward, batch_size=args.batch_size, positions=args.rope_grid)
-    encoder = compile_encoder(encoder) if args.compile == "on" else encoder
+    if args.compile == "on" and encoder.pixels:  # GPU speed, opt-in: torch.compile at a few batch sizes
+        encoder.model.encoder = gpu.Compiled(encoder.model.encoder)
     if os.path.exists(os.path.join(args.out, "config.json")):
         check_meta({"encoder": load_json(os.path.join(args.out, "config.json")).get("encoder_info", {})}, encoder,
                    args.out)

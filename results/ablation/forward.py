@@ -15,7 +15,7 @@ import sys
 import run  # run.py beside this file: its rows; it puts the repo root on the path
 
 import report  # noqa: E402
-from vjepa_reacher import KNOBS  # noqa: E402  (our column of the recipe)
+from vjepa_reacher import KNOBS, SameAs  # noqa: E402  (our column of the recipe)
 
 DYNAMICS_KNOBS = {"dyn_lr", "dyn_grad_clip", "dyn_split", "dyn_norm", "schedule_step"}
 OURS = {"goal_expert": "jacobian", "goal_horizon": None}  # None: the plan_steps in force at that point
@@ -40,7 +40,7 @@ def ranked_knobs():
 def ours(knob, switched):
     """Our value of a knob as a --set string; goal_horizon follows the plan_steps in force."""
     value = OURS.get(knob, KNOBS[knob].ours)
-    if value is None:
+    if value is None or isinstance(value, SameAs):
         value = dict(switched).get("plan_steps", "200")
     return f"{knob}={value}"
 
