@@ -1146,7 +1146,7 @@ def test_rollout_val_scores_the_seeds_every_10th_start(monkeypatch):
     """The seed validated mlp_rollout5 from t0 in range(0, T - 5, 10): at T = 40, starts 0, 10, 20, 30; at T = 25,
     0 and 10 (not 20: the seed's range stops before T - 5)."""
     seen = []
-    monkeypatch.setattr(vr, "fit", lambda model, loss, n_train, n_val, cfg, desc: seen.append(n_val)
+    monkeypatch.setattr(vr, "fit", lambda model, loss, opt, n_train, n_val, *rest, **settings: seen.append(n_val)
                         or {"kept_val": 0.0, "kept_epoch": 0, "history": {}})
     args = vr.parse_args(["dynamics", "--recipe", "seed", "--device", "cpu"])
     for T in (40, 25):

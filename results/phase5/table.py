@@ -17,7 +17,7 @@ SEEDS = (0, 1, 2)
 PUBLISHED = [("SAC, state, 100k steps", "nicklashansen/tdmpc2 results/sac/reacher-easy.csv", 540, 3),
              ("DreamerV3, state, 100k steps", "nicklashansen/tdmpc2 results/dreamerv3/reacher-easy.csv", 872, 3),
              ("TD-MPC2, state, 100k steps", "nicklashansen/tdmpc2 results/tdmpc2/reacher-easy.csv", 937, 3),
-             ("DrQ-v2, pixels, 500k frames (250k steps)", "facebookresearch/drqv2 curves/dmc_reacher_easy.csv", 751, 10),
+             ("DrQ-v2, pixels, 500k frames", "facebookresearch/drqv2 curves/dmc_reacher_easy.csv", 751, 10),
              ("DreamerV3, pixels, ~500k", "danijar/dreamerv3 scores/dmc_vision-dreamerv3.json.gz", 821, 10),
              ("TD-MPC2, pixels, 500k steps", "nicklashansen/tdmpc2 results/tdmpc2-pixels/reacher-easy.csv", 918, 3)]
 
