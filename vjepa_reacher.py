@@ -391,11 +391,9 @@ def jacobian_expert(physics, kp=400.0, kd=0.1):
     when tuned here (gear 0.05)."""
     import mujoco
     jacp = np.zeros((3, physics.model.nv))
-    finger_id = physics.model.name2id("finger", "geom")
-    mujoco.mj_jacGeom(physics.model.ptr, physics.data.ptr, jacp, None, finger_id)
+    mujoco.mj_jacGeom(physics.model.ptr, physics.data.ptr, jacp, None, physics.model.name2id("finger", "geom"))
     finger, target = finger_and_target(physics)
-    tau = kp * jacp[:2].T @ (target - finger) - kd * physics.data.qvel
-    return np.clip(tau, -1, 1)
+    return np.clip(kp * jacp[:2].T @ (target - finger) - kd * physics.data.qvel, -1, 1)  # tau
 
 
 EXPERTS = {"p": p_expert, "jacobian": jacobian_expert}
