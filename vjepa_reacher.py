@@ -556,10 +556,7 @@ def load_encoder(name_or_path, device="cpu", precision="auto", seed=0, **feed):
     save_pretrained folder. feed: frame_size, forward, form, batch_size, positions (see Encoder)."""
     if name_or_path == "state":
         return Encoder("state", len(STATE_NAMES), device=device, **feed)
-    if name_or_path == "tiny":
-        model = random_vjepa2(tiny_config(), seed)
-    else:
-        model = load_pretrained(name_or_path)
+    model = random_vjepa2(tiny_config(), seed) if name_or_path == "tiny" else load_pretrained(name_or_path)
     model = model.to(device).eval().requires_grad_(False)
     encoder = Encoder(name_or_path, model.config.hidden_size, model, device, **feed)
     return variant(dataclasses.replace(encoder, rope=rope.install(model, encoder.positions)), precision)
