@@ -164,6 +164,20 @@ def ridge_probe(X, Y, episode, folds=4, lams=(1e-2, 1e-1, 1, 10, 100, 1e3, 1e4))
     return float(best)
 
 
+def probe_embeddings(z, states, min_speed=1e-3):
+    """Ridge probe R^2 of z (E*(T+1), D) for targets from states (E, T+1, S): finger xy, target xy, joint sin/cos,
+    and the finger's velocity direction (cos, sin of finger_t - finger_{t-1}) where it moves > min_speed m a step."""
+    vel = np.diff(states[..., 6:8], axis=1, prepend=states[:, :1, 6:8]).reshape(-1, 2)  # within each episode
+    angle, flat = np.arctan2(vel[:, 1], vel[:, 0]), states.reshape(-1, states.shape[-1])
+    targets = {"finger_xy": flat[:, 6:8], "target_xy": flat[:, 8:10], "joint_angles": flat[:, 0:4],
+               "velocity_direction": np.stack([np.cos(angle), np.sin(angle)], 1)}
+    episode, scores = np.repeat(np.arange(states.shape[0]), states.shape[1]), {}
+    for name, Y in targets.items():
+        keep = np.linalg.norm(vel, axis=1) > min_speed if name == "velocity_direction" else np.ones(len(Y), bool)
+        scores[name] = ridge_probe(z[keep], Y[keep], episode[keep]) if keep.sum() > 4 else float("nan")
+    return scores
+
+
 # ---- Report ----------------------------------------------------------------------------------------------------------
 # results.json, report.md, plots and GIFs, rebuilt from the run folder alone. Each table is one
 # function, printed by its stage and joined by write_report.

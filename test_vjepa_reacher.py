@@ -1250,7 +1250,7 @@ def test_probe_velocity_is_taken_within_episodes(monkeypatch):
     monkeypatch.setattr(report, "ridge_probe", lambda z, Y, episode: seen.setdefault(len(seen), (Y, episode)) and 0.0)
     states = np.zeros((3, 4, len(vr.STATE_NAMES)), np.float32)
     states[..., 6] = -10 * np.arange(3)[:, None] + 0.1 * np.arange(4)
-    vr.probe_embeddings(np.random.default_rng(0).normal(size=(12, 5)), states)
+    report.probe_embeddings(np.random.default_rng(0).normal(size=(12, 5)), states)
     Y, episode = seen[3]  # finger_xy, target_xy, joint_angles, velocity_direction
     np.testing.assert_allclose(Y, np.tile([1.0, 0.0], (9, 1)), atol=1e-6)
     assert list(episode) == [0, 0, 0, 1, 1, 1, 2, 2, 2]
@@ -1262,8 +1262,8 @@ def test_probe_recovers_planted_signal_and_not_noise():
     flat = states.reshape(300, -1)
     planted = np.concatenate([flat @ rng.normal(size=(flat.shape[1], 40)), rng.normal(size=(300, 20)) * 0.01], 1)
     noise = rng.normal(size=(300, 60))
-    r_planted = vr.probe_embeddings(planted, states)
-    r_noise = vr.probe_embeddings(noise, states)
+    r_planted = report.probe_embeddings(planted, states)
+    r_noise = report.probe_embeddings(noise, states)
     for k in ("finger_xy", "target_xy", "joint_angles"):
         assert r_planted[k] > 0.99
         assert abs(r_noise[k]) < 0.15

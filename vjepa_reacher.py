@@ -391,11 +391,9 @@ def jacobian_expert(physics, kp=400.0, kd=0.1):
     when tuned here (gear 0.05)."""
     import mujoco
     jacp = np.zeros((3, physics.model.nv))
-    finger_id = physics.model.name2id("finger", "geom")
-    mujoco.mj_jacGeom(physics.model.ptr, physics.data.ptr, jacp, None, finger_id)
+    mujoco.mj_jacGeom(physics.model.ptr, physics.data.ptr, jacp, None, physics.model.name2id("finger", "geom"))
     finger, target = finger_and_target(physics)
-    tau = kp * jacp[:2].T @ (target - finger) - kd * physics.data.qvel
-    return np.clip(tau, -1, 1)
+    return np.clip(kp * jacp[:2].T @ (target - finger) - kd * physics.data.qvel, -1, 1)  # tau
 
 
 EXPERTS = {"p": p_expert, "jacobian": jacobian_expert}
@@ -558,10 +556,7 @@ def load_encoder(name_or_path, device="cpu", precision="auto", seed=0, **feed):
     save_pretrained folder. feed: frame_size, forward, form, batch_size, positions (see Encoder)."""
     if name_or_path == "state":
         return Encoder("state", len(STATE_NAMES), device=device, **feed)
-    if name_or_path == "tiny":
-        model = random_vjepa2(tiny_config(), seed)
-    else:
-        model = load_pretrained(name_or_path)
+    model = random_vjepa2(tiny_config(), seed) if name_or_path == "tiny" else load_pretrained(name_or_path)
     model = model.to(device).eval().requires_grad_(False)
     encoder = Encoder(name_or_path, model.config.hidden_size, model, device, **feed)
     return variant(dataclasses.replace(encoder, rope=rope.install(model, encoder.positions)), precision)
@@ -1162,21 +1157,6 @@ def long_return(seeds, policy, encoder, envs, keep_z=True):
     return report.episode_metrics(list(run_episodes(seeds, policy, encoder, envs, MAX_STEPS, keep_z)), MAX_STEPS)
 
 
-# ---- Probe and embedding statistics ------------------------------------------------------------------------------
-def probe_embeddings(z, states, min_speed=1e-3):
-    """Ridge probe R^2 of z (E*(T+1), D) for targets from states (E, T+1, S): finger xy, target xy, joint sin/cos,
-    and the finger's velocity direction (cos, sin of finger_t - finger_{t-1}) where it moves > min_speed m a step."""
-    vel = np.diff(states[..., 6:8], axis=1, prepend=states[:, :1, 6:8]).reshape(-1, 2)  # within each episode
-    angle, flat = np.arctan2(vel[:, 1], vel[:, 0]), states.reshape(-1, states.shape[-1])
-    targets = {"finger_xy": flat[:, 6:8], "target_xy": flat[:, 8:10], "joint_angles": flat[:, 0:4],
-               "velocity_direction": np.stack([np.cos(angle), np.sin(angle)], 1)}
-    episode, scores = np.repeat(np.arange(states.shape[0]), states.shape[1]), {}
-    for name, Y in targets.items():
-        keep = np.linalg.norm(vel, axis=1) > min_speed if name == "velocity_direction" else np.ones(len(Y), bool)
-        scores[name] = report.ridge_probe(z[keep], Y[keep], episode[keep]) if keep.sum() > 4 else float("nan")
-    return scores
-
-
 # ---- Stages ------------------------------------------------------------------------------------------------------
 # Stages read and write only files in the run folder, so any can be re-run alone; False: skipped, nothing written.
 def exists_skip(args, path, stage):
@@ -1282,8 +1262,7 @@ def stage_eval(args, encoder):
         if args.long_episodes:
             metrics[name]["standard"] = long_return(seeds[:args.long_episodes], policy, load_encoder("state"), envs,
                                                     False)
-    eps = run_episodes(seeds, bc, encoder, envs_for(args, encoder, len(seeds)), args.steps, keep_z=True,
-                       desc="eval bc")
+    eps = run_episodes(seeds, bc, encoder, envs_for(args, encoder, len(seeds)), args.steps, keep_z=True, desc="eval bc")
     metrics["bc"] = report.episode_metrics(list(eps), args.steps)
     if args.long_episodes:
         metrics["bc"]["standard"] = long_return(seeds[:args.long_episodes], bc, encoder, envs_for(args, encoder,
@@ -1521,7 +1500,7 @@ def stage_probe(args, encoder):
     states = np.stack([ep["states"] for ep in eps])
     if encoder.pixels:  # the oracle column
         z["state"] = states
-    probe = {k: probe_embeddings(v.reshape(-1, v.shape[-1]).astype(np.float64), states) for k, v in z.items()}
+    probe = {k: report.probe_embeddings(v.reshape(-1, v.shape[-1]).astype(np.float64), states) for k, v in z.items()}
     save_json(path, {"probe": probe})
     print(report.probe_table({"probe": probe, "encoder": encoder.info()}))
 
