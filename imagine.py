@@ -263,5 +263,6 @@ def dyna(learner, play, seeds, chunk, evaluate, eval_every, ratio=0.1, refit_eve
             owed -= 1
         if learner.env_steps >= next_eval or start + chunk >= len(seeds):
             point()
-            next_eval += eval_every * max(1, math.ceil((learner.env_steps - next_eval + 1) / eval_every))
+            while next_eval <= learner.env_steps:
+                next_eval += eval_every
     return curve

@@ -1364,9 +1364,9 @@ def stage_imagine(args, encoder):
         return False
     data = load_dataset(data_dir(args, *EXPLORE), encoder, made_by="explore")
     model, mean, std = load_checked(args, encoder, os.path.join(args.out, "dynamics_mlp.pt"), "dynamics")
-    t0, n_episodes = time.time(), math.ceil(args.imagine_steps / args.steps)
+    t0, n_episodes, phase2 = time.time(), math.ceil(args.imagine_steps / args.steps), data["actions"].size // 2
     learner = imagine.Imagination(model, mean, std, seed=args.seed, device=args.device,
-                                  capacity=data["actions"].size // 2 + n_episodes * args.steps)
+                                  capacity=phase2 + n_episodes * args.steps)
     for e in range(len(data["z"])):  # the Phase 2 episodes: replay, and the env steps they cost
         learner.add_episode({k: data[k][e] for k in ("z", "actions", "rewards")})
     envs = envs_for(args, encoder, min(args.rl_envs, args.eval_episodes))
@@ -1386,10 +1386,11 @@ def stage_imagine(args, encoder):
     result["eval"]["ms_per_action"] = 1e3 * learner.seconds / (args.steps * args.eval_episodes + args.plan_steps *
                                                                 args.plan_episodes)  # as MPC's: batched over envs
     if args.long_episodes:
-        result["eval"]["standard"] = evaluate(learner.greedy, n=args.long_episodes, steps=MAX_STEPS)
+        result["eval"]["standard"] = long_return(episode_seeds("eval", args.long_episodes, args.seed), learner.greedy,
+                                                 encoder, envs)
     save_model(os.path.join(args.out, "imagine_actor.pt"), learner.actor, data, mean, std)
     save_json(path, dict(result, curve=curve, refits=learner.refits, env_steps=learner.env_steps, seconds=seconds,
-                         updates=learner.updates, phase2_steps=int(data["actions"].shape[0] * data["actions"].shape[1]),
+                         updates=learner.updates, phase2_steps=int(phase2),
                          steps=args.steps, plan_steps=args.plan_steps))
     print(report.imagine_section({"imagine": load_json(path), "encoder": encoder.info()}))
 
