@@ -227,24 +227,36 @@ def measure_loops(encoder, envs, windows, quick):
     return {"encoder": encoder.id, "precision": encoder.precision, "per_s": rate}, [collect, live]
 
 
-def measure_encoder(encoder, windows, peak, quick):
-    """Windows/s of one encoder at the batch of `windows` per precision, interleaved; MFU against this run's matmul
-    peak at that precision and a known GPU's data-sheet fp16 peak; the lowest cosine of each embedding to fp32's."""
-    precisions = ("fp32", "fp16", "half") if encoder.device == "cuda" else ("fp32", "bf16")
-    sides = {p: partial(vr.encode, vr.variant(encoder, p, batch_size=len(windows)), windows) for p in precisions}
-    seconds, z = interleaved(sides, 3 if quick or encoder.dim >= 1024 else 5, encoder.device)  # ViT-L: slow
+def measure_encoder(encoder, windows, peak, quick, compile=False):
+    """Windows/s of one encoder at the batch of `windows`, interleaved: at each precision, or with compile (--compile)
+    as it is against a copy under torch.compile (as --set compile=on), after timing the compile (its first batch).
+    MFU against this run's matmul peak at each side's precision and a known GPU's data-sheet fp16 peak; the lowest
+    cosine of each side's embeddings to the first side's."""
     flops, nominal = encoder_flops(encoder.model.config), peak["nominal_fp16"]
     figures = {"gflop_per_window": flops / 1e9, "batch": len(windows)}
-    for p, s in seconds.items():  # issue 21: low precision must agree with fp32 (cosine >= 0.999, no inf)
-        gflops = len(windows) / s * flops / 1e9
-        figures[p] = {"windows_per_s": len(windows) / s,
-                      "mfu_measured_peak": gflops / peak["fp16" if p == "half" else p],
-                      "mfu_nominal_peak": gflops / nominal if nominal and p in ("fp16", "half") else None,
-                      "min_cosine_vs_fp32": float(torch.cosine_similarity(z[p], z["fp32"]).min()),
-                      "all_finite": bool(z[p].isfinite().all())}
-    mfu = {k: slash(figures[p][k] and 100 * figures[p][k] for p in seconds) for k in figures["fp32"] if "mfu" in k}
+    if compile:
+        compiled = dataclasses.replace(encoder, model=copy.deepcopy(encoder.model))
+        compiled.model.encoder = gpu.Compiled(compiled.model.encoder)
+        vr.encode(compiled, windows[:1])  # its first call runs eagerly, building the rotary tables
+        figures |= interleaved({"compile_s": partial(vr.encode, compiled, windows)}, 1, encoder.device, False)[0]
+        sides = {encoder.precision: encoder, "compiled": compiled}
+    else:
+        precisions = ("fp32", "fp16", "half") if encoder.device == "cuda" else ("fp32", "bf16")
+        sides = {p: vr.variant(encoder, p, batch_size=len(windows)) for p in precisions}
+    seconds, z = interleaved({k: partial(vr.encode, e, windows) for k, e in sides.items()},
+                             3 if quick or encoder.dim >= 1024 else 5, encoder.device)  # ViT-L: slow
+    first = next(iter(sides))
+    for k, s in seconds.items():  # issue 21: low precision must agree with fp32 (cosine >= 0.999, no inf)
+        gflops, precision = len(windows) / s * flops / 1e9, sides[k].precision.replace("half", "fp16")
+        figures[k] = {"windows_per_s": len(windows) / s, "mfu_measured_peak": gflops / peak[precision],
+                      "mfu_nominal_peak": gflops / nominal if nominal and precision == "fp16" else None,
+                      f"min_cosine_vs_{first}": float(torch.cosine_similarity(z[k], z[first]).min()),
+                      "all_finite": bool(z[k].isfinite().all())}
+    mfu = {k: slash(figures[p][k] and 100 * figures[p][k] for p in seconds) for k in figures[first] if "mfu" in k}
     ratio = f"MFU {mfu['mfu_measured_peak']} % of the measured peak"
     ratio += f", {mfu['mfu_nominal_peak']} % of the data sheet's" if nominal else ""
+    if compile:
+        ratio += f"; compile {figures['compile_s']:.0f} s for a {seconds[first] / seconds['compiled']:.2f}x gain"
     name = f"encoder {encoder.id} ({flops / 1e9:.1f} GFLOP/window), batch {len(windows)}, {' / '.join(seconds)}"
     return figures, [[name + " (windows/s)", slash((figures[p]["windows_per_s"] for p in seconds), "{:.2f}"), ratio]]
 
@@ -281,23 +293,6 @@ def measure_cem(device, peak, quick):
                       f"{' / '.join(seconds)} (ms)", slash(figures[p]["ms"] for p in seconds),
                       f"floor {slash(figures[p]['floor_ms'] for p in seconds)} ms; first action moves "
                       f"{slash((figures[p]['first_action_abs_diff'] for p in seconds), '{:.2f}')}"]]
-
-
-def measure_compile(encoder, windows, device):
-    """--compile: the first compiled batch (the compile) and then compiled against eager windows/s, interleaved."""
-    compiled = dataclasses.replace(encoder, model=copy.deepcopy(encoder.model))  # a copy, compiled as --compile does
-    compiled.model.encoder = gpu.Compiled(compiled.model.encoder)
-    vr.encode(compiled, windows[:1])  # its first call runs eagerly, building the rotary tables
-    eager = encoder
-    t0 = time.perf_counter()
-    vr.encode(compiled, windows)
-    compile_s = time.perf_counter() - t0
-    seconds, _ = interleaved({k: partial(vr.encode, e, windows) for k, e in (("eager", eager), ("compiled", compiled))},
-                             3, device)
-    figures = {"compile_s": compile_s, **{f"{k}_windows_per_s": len(windows) / s for k, s in seconds.items()}}
-    return figures, [[f"torch.compile of {encoder.id} ({compiled.precision}), batch {len(windows)}: eager / "
-                      "compiled (windows/s)", slash((len(windows) / s for s in seconds.values()), "{:.2f}"),
-                      f"compile {compile_s:.0f} s for a {seconds['eager'] / seconds['compiled']:.2f}x gain"]]
 
 
 def measure_training(device, quick):
@@ -373,7 +368,7 @@ def main(argv=None):
     if vitl is not None:  # ViT-L on a CPU takes seconds a window: batch 1 there
         run("encoder_vitl", measure_encoder, vitl, windows[:batch if device == "cuda" else 1], peak, quick)
     if args.compile:
-        run("compile", measure_compile, pipeline, windows, device)
+        run("compile", measure_encoder, pipeline, windows, peak, quick, True)
     run("cem_ms_per_step", measure_cem, device, peak, quick)
     run("train_epoch", measure_training, device, quick)
     print(open(os.path.join(out, "bench.md")).read() + f"bench: wrote {out}/bench.json and bench.md", flush=True)
