@@ -89,7 +89,6 @@ def slash(values, fmt="{:.0f}"):
 
 
 def repeat(n, fn, *inputs):
-    """fn(*inputs) n times: one side of a comparison."""
     for _ in range(n):
         fn(*inputs)
 
@@ -269,10 +268,9 @@ def measure_cem(device, peak, quick):
     the first action of the elite mean from fp32's (the same noise, but for 'mpc', which draws its noise up front)."""
     episodes, samples, elites, iterations = (2, 64, 8, 2) if quick else (20, 500, 50, 5)  # seed: 500, 50, 5
     settings = dict(horizon=10, samples=samples, elites=elites, iterations=iterations)  # seed: horizon 10
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        model = vr.Dynamics("mlp", 1024).to(device).eval().requires_grad_(False)
-        z, z_goal = torch.randn(2, episodes, 1024).to(device)
+    torch.manual_seed(0)
+    model = vr.Dynamics("mlp", 1024).to(device).eval().requires_grad_(False)
+    z, z_goal = torch.randn(2, episodes, 1024).to(device)
     sides = {p: partial(vr.cem, vr.latent_cost(model, z, z_goal, "final", DTYPES[p]), episodes, device=device,
                         generator=torch.Generator(device).manual_seed(0), **settings) for p in PRECISIONS[device]}
     if device == "cuda":
