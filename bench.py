@@ -52,9 +52,6 @@ SIZE = 256  # seed: 256 px frames (gen ~74-78)
 BATCH = 32  # seed: 32 windows a forward; also the episodes we step in lockstep
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 PRECISIONS = {"cpu": ("fp32", "bf16"), "cuda": ("fp32", "fp16", "bf16")}  # CPUs have no fast fp16 matmul
-# Dense fp16 tensor-core peaks (TFLOP/s) from NVIDIA's data sheets; first match of the device name wins.
-NOMINAL_FP16_TFLOPS = (("H200 NVL", 835), ("H200", 989), ("H100 PCIe", 756), ("H100 NVL", 835), ("H100", 989),
-                       ("A100", 312), ("A10G", None), ("A10", 125))  # A10G: not published by NVIDIA
 
 
 # ---- Timing plumbing; the work of each side is a plain function, so partial() names it without a lambda ---------
@@ -84,8 +81,8 @@ def device_name(device):
 
 
 def slash(values, fmt="{:.0f}"):
-    """'a / b / c' for a table cell; None shows as '-'."""
-    return " / ".join("-" if v is None else fmt.format(v) for v in values)
+    """'a / b / c' for a table cell."""
+    return " / ".join(fmt.format(v) for v in values)
 
 
 def repeat(n, fn, *inputs):
@@ -171,11 +168,7 @@ def matmul_peak(device, quick):
              for p in PRECISIONS[device]}
     seconds, _ = interleaved(sides, 3 if quick else 5, device)
     peak = {p: 2 * n ** 3 * calls / s / 1e9 for p, s in seconds.items()}
-    name = device_name(device) if device == "cuda" else ""
-    nominal = next((t and t * 1000.0 for key, t in NOMINAL_FP16_TFLOPS if key in name), None)  # GFLOP/s
-    row = [f"matmul peak {' / '.join(peak)} (GFLOP/s, {n}x{n})", slash(peak.values()),
-           f"data sheet fp16 {nominal:.0f}" if nominal else ""]
-    return dict(peak, n=n, nominal_fp16=nominal), [row]
+    return dict(peak, n=n), [[f"matmul peak {' / '.join(peak)} (GFLOP/s, {n}x{n})", slash(peak.values()), ""]]
 
 
 def measure_render(quick):
@@ -228,10 +221,9 @@ def measure_loops(encoder, envs, windows, quick):
 
 def measure_encoder(encoder, windows, peak, quick, compile=False):
     """Windows/s of one encoder at the batch of `windows`, interleaved: at each precision, or with compile (--compile)
-    as it is against a copy under torch.compile (as --set compile=on), after timing the compile (its first batch).
-    MFU against this run's matmul peak at each side's precision and a known GPU's data-sheet fp16 peak; the lowest
-    cosine of each side's embeddings to the first side's."""
-    flops, nominal = encoder_flops(encoder.model.config), peak["nominal_fp16"]
+    as it is against a copy under torch.compile (as --set compile=on), the compile (its first batch) timed first; MFU
+    against this run's matmul peak at each side's precision; each side's lowest cosine to the first side's embedding."""
+    flops = encoder_flops(encoder.model.config)
     figures = {"gflop_per_window": flops / 1e9, "batch": len(windows)}
     if compile:
         compiled = dataclasses.replace(encoder, model=copy.deepcopy(encoder.model))
@@ -248,12 +240,9 @@ def measure_encoder(encoder, windows, peak, quick, compile=False):
     for k, s in seconds.items():  # issue 21: low precision must agree with fp32 (cosine >= 0.999, no inf)
         gflops, precision = len(windows) / s * flops / 1e9, sides[k].precision.replace("half", "fp16")
         figures[k] = {"windows_per_s": len(windows) / s, "mfu_measured_peak": gflops / peak[precision],
-                      "mfu_nominal_peak": gflops / nominal if nominal and precision == "fp16" else None,
                       f"min_cosine_vs_{first}": float(torch.cosine_similarity(z[k], z[first]).min()),
                       "all_finite": bool(z[k].isfinite().all())}
-    mfu = {k: slash(figures[p][k] and 100 * figures[p][k] for p in seconds) for k in figures[first] if "mfu" in k}
-    ratio = f"MFU {mfu['mfu_measured_peak']} % of the measured peak"
-    ratio += f", {mfu['mfu_nominal_peak']} % of the data sheet's" if nominal else ""
+    ratio = f"MFU {slash(100 * figures[k]['mfu_measured_peak'] for k in seconds)} % of the measured peak"
     if compile:
         ratio += f"; compile {figures['compile_s']:.0f} s for a {seconds[first] / seconds['compiled']:.2f}x gain"
     name = f"encoder {encoder.id} ({flops / 1e9:.1f} GFLOP/window), batch {len(windows)}, {' / '.join(seconds)}"
