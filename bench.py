@@ -265,13 +265,13 @@ def measure_cem(device, peak, quick):
     if device == "cuda":
         sides["half"] = partial(vr.cem, vr.latent_cost(copy.deepcopy(model).half(), z, z_goal), episodes,
                                 generator=torch.Generator(device).manual_seed(0), device=device, **settings)
-        mpc = vr.MPC(model, dict(enumerate(z_goal.cpu().numpy())), (np.zeros(1024, np.float32),
-                     np.ones(1024, np.float32)), settings, dtype="bf16", graph=True)
+        identity = np.zeros(1024, np.float32), np.ones(1024, np.float32)  # MPC standardises z: here to itself
+        mpc = vr.MPC(model, dict(enumerate(z_goal.cpu().numpy())), identity, settings, dtype="bf16", graph=True)
         sides["mpc"] = partial(mpc, z.cpu().numpy(), {"seed": list(range(episodes)), "step": 0})
     seconds, results = interleaved(sides, 3 if quick or device == "cpu" else 5, device)
-    flops = 2 * sum(p.numel() for p in model.parameters()) * samples * settings["horizon"] * iterations * episodes
-    figures = dict(episodes=episodes, **settings, params=sum(p.numel() for p in model.parameters()),
-                   gflop_per_step=flops / 1e9)
+    params = sum(p.numel() for p in model.parameters())
+    flops = 2 * params * samples * settings["horizon"] * iterations * episodes
+    figures = dict(episodes=episodes, **settings, params=params, gflop_per_step=flops / 1e9)
     first = {p: torch.as_tensor(out).to(device) if p == "mpc" else out[1][:, 0] for p, out in results.items()}
     for p, s in seconds.items():
         figures[p] = {"ms": s * 1000, "floor_ms": flops / peak[p if p in peak else "fp16"] / 1e6,
