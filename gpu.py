@@ -9,8 +9,7 @@ import torch
 
 
 def upload(array, device):
-    """numpy -> device; on CUDA through pinned memory, so the copy is asynchronous (pageable memory would make
-    non_blocking a no-op)."""
+    """numpy -> device; on CUDA from pinned memory, so the copy runs asynchronously (from pageable it would not)."""
     x = torch.from_numpy(array)
     return x.pin_memory().to(device, non_blocking=True) if device.startswith("cuda") else x.to(device)
 
@@ -73,8 +72,7 @@ class Compiled(torch.nn.Module):
 
     def __init__(self, encoder, backend="inductor"):
         super().__init__()
-        self.eager, self.encoder = encoder, torch.compile(encoder, backend=backend, dynamic=False)
-        self.warm = False
+        self.eager, self.encoder, self.warm = encoder, torch.compile(encoder, backend=backend, dynamic=False), False
 
     def forward(self, pixel_values_videos, **kwargs):
         if not self.warm:
