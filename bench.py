@@ -95,10 +95,10 @@ def rollout(seeds, policy, encoder, envs, steps):
     return list(vr.run_episodes(seeds, policy, encoder, envs, steps, keep_z=True))
 
 
-def encoder_flops(config, frames=vr.WINDOW, size=SIZE):
+def encoder_flops(config):
     """Forward FLOPs of one window through the V-JEPA 2 encoder, counted from the config (2 FLOPs per MAC)."""
     d, L, r = config.hidden_size, config.num_hidden_layers, config.mlp_ratio
-    n = (frames // config.tubelet_size) * (size // config.patch_size) ** 2  # tokens
+    n = (vr.WINDOW // config.tubelet_size) * (SIZE // config.patch_size) ** 2  # tokens
     patch = n * d * 3 * config.tubelet_size * config.patch_size ** 2
     return 2 * (patch + L * (n * (4 + 2 * r) * d * d + 2 * n * n * d))  # a layer: qkv+proj, mlp, QK^T and AV
 
