@@ -42,10 +42,10 @@ volume = modal.Volume.from_name("vjepa-reacher", create_if_missing=True)
 # torch from PyPI is the CUDA build (it pulls NVIDIA's runtime wheels), which is what a GPU container wants.
 PACKAGES = ["torch==2.13.0", "mujoco==3.17.0", "dm_control==1.0.50", "transformers>=4.53,<6", "safetensors>=0.4",
             "numpy>=1.26", "scipy>=1.11", "tqdm>=4.66", "matplotlib>=3.8", "pillow>=10.1", "huggingface_hub>=0.30"]
+SOURCES = ["vjepa_reacher", "gpu", "report", "rope", "sac", "imagine"]  # the script and the leaves it imports
 # EGL through libglvnd, which dispatches to a vendor library named by a JSON file: Modal's GPU containers mount the
 # NVIDIA driver libraries (libEGL_nvidia among them) but a slim image has no NVIDIA vendor file, so write the
 # standard one (as MuJoCo's Colab notebook does). libosmesa6: the CPU fallback where no EGL context works.
-SOURCES = ["vjepa_reacher", "gpu", "report", "rope", "sac", "imagine"]  # the script and the leaves it imports
 APT = ["libegl1", "libgl1", "libglvnd0", "libosmesa6"]
 NVIDIA_EGL_ICD = '{"file_format_version": "1.0.0", "ICD": {"library_path": "libEGL_nvidia.so.0"}}'
 image = (modal.Image.debian_slim(python_version="3.11")
