@@ -63,12 +63,6 @@ class ReturnScale:
         return max(self.limit, hi - lo)
 
 
-def gaussian(actor, z):
-    """The actor's Gaussian before the tanh: mean and std (B, A)."""
-    mean, log_std = actor(z)
-    return mean, log_std.exp()
-
-
 def tanh_log_prob(mean, std, u):
     """log pi(tanh(u)) (B,) for pre-tanh u: the Gaussian's log-density less log|d tanh/du| (as sac.Actor.sample)."""
     logp = (-0.5 * ((u - mean) / std) ** 2 - std.log() - 0.5 * math.log(2 * math.pi)).sum(-1)
@@ -158,7 +152,8 @@ class Imagination:
         log-probabilities and entropies (H, B). With actor_grad 'dynamics' the latents carry the actor's gradient."""
         backprop, zs, logps, ents = self.actor_grad == "dynamics", [z.detach()], [], []
         for _ in range(self.horizon):
-            mean, std = gaussian(self.actor, zs[-1])
+            mean, log_std = self.actor(zs[-1])
+            std = log_std.exp()
             u = mean + std * torch.randn(mean.shape, generator=self.generator, device=self.device)
             u = u if backprop else u.detach()
             logps.append(tanh_log_prob(mean, std, u))
@@ -215,9 +210,7 @@ class Imagination:
     @torch.no_grad()
     def __call__(self, z, obs):
         """a = tanh(u), u ~ the actor's Gaussian: actions (B, A) for raw z (B, D), to explore in the real env."""
-        mean, std = gaussian(self.actor, self.standardize(z))
-        u = mean + std * torch.randn(mean.shape, generator=self.generator, device=self.device)
-        return torch.tanh(u).cpu().numpy()
+        return self.actor.sample(self.standardize(z), self.generator)[0].cpu().numpy()
 
     @torch.no_grad()
     def greedy(self, z, obs):
