@@ -3,8 +3,8 @@
 An actor and a critic learn only from rollouts that a differentiable dynamics model f(z, a) -> z' and a learned reward
 head r(z') imagine from replay latents. A Dyna loop acts with the actor in the real environment, adds what it sees to
 replay, and refits the dynamics and the reward head on replay, warm-started (never from scratch: the seed's Dyna loops
-that retrained from scratch lost what they had learned). It imports nothing from vjepa_reacher.py, only sac.py's actor,
-MLP and replay buffer; copy both files.
+that retrained from scratch lost what they had learned). It imports nothing from vjepa_reacher.py, only sac.py's replay
+buffer and MLP; copy both files.
 
     learner = Imagination(dynamics, mean, std)          # dynamics: nn.Module f(z, a) on standardised z
     learner.add_episode({"z": z, "actions": a, "rewards": r})   # z (T+1, D), a (T, A), r (T,): replay
@@ -18,13 +18,13 @@ Equations (DreamerV3, Hafner et al. 2023; danijar/dreamerv3 agent.py `imag_loss`
   imagine  z_0 from replay (no gradient); a_t ~ pi(z_t), z_{t+1} = f(z_t, a_t), r_{t+1} = r(z_{t+1}), t < H = 15
   return   R_H = v'(z_H);  R_t = r_{t+1} + gamma ((1 - lambda) v'(z_{t+1}) + lambda R_{t+1});  lambda = 0.95, v' slow
   scale    S = max(1, P95(R) - P5(R)), both percentiles an EMA with decay 0.99 (debiased)
-  actor    minimise -sum_t w_t (R_t / S + eta H_t), gradients through f and r into pi (continuous default);  eta = 3e-4
+  actor    dynamics: minimise -sum_t w_t (R_t / S + eta H_t), gradients through f and r into pi (continuous default)
+           reinforce: minimise -sum_t w_t (log pi(a_t | z_t) sg((R_t - v'(z_t)) / S) + eta H_t);  eta = 3e-4
   critic   minimise sum_t w_t [(v(z_t) - sg R_t)^2 + (v(z_t) - sg v'(z_t))^2];  v' <- v' + 0.02 (v - v') each update
   w_t = gamma^t.  H_t: entropy of the Gaussian before the tanh (the tanh-Gaussian's has no closed form).
 Deliberate differences from DreamerV3: a deterministic dynamics model given from outside (not its RSSM); MSE in place
 of its symlog two-hot losses (rewards here are in [0, 1], returns < 70); gamma = 1 - 1/67 = 0.985, a third of a
-200-step episode, as its 1 - 1/333 is a third of DMC's 1,000 steps; Adam at 3e-4 (its 4e-5 needs far more updates);
-no REINFORCE actor gradient (its choice for discrete actions).
+200-step episode, as its 1 - 1/333 is a third of DMC's 1,000 steps; Adam at 3e-4 (its 4e-5 needs far more updates).
 """
 import copy
 import math
@@ -63,6 +63,12 @@ class ReturnScale:
         return max(self.limit, hi - lo)
 
 
+def tanh_log_prob(mean, std, u):
+    """log pi(tanh(u)) (B,) for pre-tanh u: the Gaussian's log-density less log|d tanh/du| (as sac.Actor.sample)."""
+    logp = (-0.5 * ((u - mean) / std) ** 2 - std.log() - 0.5 * math.log(2 * math.pi)).sum(-1)
+    return logp - (2 * (math.log(2) - u - F.softplus(-2 * u))).sum(-1)
+
+
 class Imagination:
     """The actor-critic, its reward head, the given dynamics, replay (train and held-out), and the Dyna counters.
 
@@ -72,13 +78,14 @@ class Imagination:
     """
 
     def __init__(self, dynamics, mean, std, action_dim=2, hidden=256, batch_size=64, horizon=15, gamma=0.985,
-                 lam=0.95, entropy=3e-4, slow_rate=0.02, lr=3e-4, grad_clip=100.0,
+                 lam=0.95, actor_grad="dynamics", entropy=3e-4, slow_rate=0.02, lr=3e-4, grad_clip=100.0,
                  refit_steps=500, refit_lr=3e-4, val_every=10, capacity=1_000_000, seed=0, device="cpu"):
         # horizon 15, lambda 0.95, entropy 3e-4, slow critic 0.02 a step, clip 100: DreamerV3's configs.yaml.
         # batch 64 starts (DreamerV3: 16 x 64 = 1,024): on one core an update costs ~0.1 s at 64 and ~0.2 s at 256,
         # and 64 learned faster per second here (results/phase5/README.md).
         # refit 500 steps at 3e-4: warm-started, enough to take in the states the actor newly reaches.
-        self.horizon, self.gamma, self.lam, self.entropy = horizon, gamma, lam, entropy
+        assert actor_grad in ("dynamics", "reinforce")
+        self.horizon, self.gamma, self.lam, self.actor_grad, self.entropy = horizon, gamma, lam, actor_grad, entropy
         self.batch_size, self.slow_rate, self.grad_clip = batch_size, slow_rate, grad_clip
         self.device, self.refit_steps, self.val_every = device, refit_steps, val_every
         self.mean, self.std = (torch.as_tensor(x, dtype=torch.float32, device=device) for x in (mean, std))
@@ -137,26 +144,32 @@ class Imagination:
         return row
 
     def imagine(self, z):
-        """Roll the actor through the dynamics for H steps from z (B, D): latents (H+1, B, D), which carry the actor's
-        gradient, and the entropies (H, B) of the actions' Gaussians before the tanh."""
-        zs, ents = [z.detach()], []
+        """Roll the actor through the dynamics for H steps from z (B, D): latents (H+1, B, D), the actions' Gaussian
+        log-probabilities and entropies (H, B). With actor_grad 'dynamics' the latents carry the actor's gradient."""
+        backprop, zs, logps, ents = self.actor_grad == "dynamics", [z.detach()], [], []
         for _ in range(self.horizon):
             mean, log_std = self.actor(zs[-1])
             std = log_std.exp()
             u = mean + std * torch.randn(mean.shape, generator=self.generator, device=self.device)
+            u = u if backprop else u.detach()
+            logps.append(tanh_log_prob(mean, std, u))
             ents.append((std.log() + 0.5 * math.log(2 * math.pi * math.e)).sum(-1))
-            zs.append(self.dynamics(zs[-1], torch.tanh(u)))
-        return torch.stack(zs), torch.stack(ents)
+            with torch.set_grad_enabled(backprop):
+                zs.append(self.dynamics(zs[-1], torch.tanh(u)))
+        return torch.stack(zs), torch.stack(logps), torch.stack(ents)
 
     def update(self):
         """One behaviour update from batch_size replay latents: imagine, lambda-returns, actor, critic, slow critic."""
-        zs, ent = self.imagine(self.batch("train", self.batch_size)[0])
+        zs, logp, ent = self.imagine(self.batch("train", self.batch_size)[0])
         reward = self.reward(zs[1:]).squeeze(-1)  # (H, B): the reward of arriving at z_{t+1}
         slow = self.slow_critic(zs).squeeze(-1)  # (H+1, B)
         R = lambda_return(reward, slow, self.gamma, self.lam)
         S = self.scale(R)
         w = self.gamma ** torch.arange(self.horizon, device=self.device, dtype=torch.float32)[:, None]
-        actor_loss = -(w * (R / S + self.entropy * ent)).mean()
+        if self.actor_grad == "dynamics":
+            actor_loss = -(w * (R / S + self.entropy * ent)).mean()
+        else:
+            actor_loss = -(w * (logp * ((R - slow[:-1]) / S).detach() + self.entropy * ent)).mean()
         v = self.critic(zs[:-1].detach()).squeeze(-1)
         critic_loss = (w * ((v - R.detach()) ** 2 + (v - slow[:-1].detach()) ** 2)).mean()
         for name, loss, net in (("actor", actor_loss, self.actor), ("critic", critic_loss, self.critic)):
