@@ -63,12 +63,6 @@ class ReturnScale:
         return max(self.limit, hi - lo)
 
 
-def gaussian(actor, z):
-    """The actor's Gaussian before the tanh: mean and std (B, A)."""
-    mean, log_std = actor(z)
-    return mean, log_std.exp()
-
-
 def tanh_log_prob(mean, std, u):
     """log pi(tanh(u)) (B,) for pre-tanh u: the Gaussian's log-density less log|d tanh/du| (as sac.Actor.sample)."""
     logp = (-0.5 * ((u - mean) / std) ** 2 - std.log() - 0.5 * math.log(2 * math.pi)).sum(-1)
@@ -94,21 +88,19 @@ class Imagination:
         self.horizon, self.gamma, self.lam, self.actor_grad, self.entropy = horizon, gamma, lam, actor_grad, entropy
         self.batch_size, self.slow_rate, self.grad_clip = batch_size, slow_rate, grad_clip
         self.device, self.refit_steps, self.val_every = device, refit_steps, val_every
-        self.mean = torch.as_tensor(mean, dtype=torch.float32, device=device)
-        self.std = torch.as_tensor(std, dtype=torch.float32, device=device)
+        self.mean, self.std = (torch.as_tensor(x, dtype=torch.float32, device=device) for x in (mean, std))
         dim = self.mean.numel()
         with torch.random.fork_rng(devices=[]):  # the seed alone fixes the initial weights; caller's RNG untouched
             torch.manual_seed(seed)
             self.actor = sac.Actor(dim, action_dim, hidden).to(device)
             self.critic = sac.sac_mlp(dim, 1, hidden).to(device)
-            self.reward = sac.sac_mlp(dim, 1, hidden).to(device)
+            self.reward = sac.sac_mlp(dim, 1, hidden).to(device).requires_grad_(False)  # trained only in refit
         self.slow_critic = copy.deepcopy(self.critic).requires_grad_(False)
         self.dynamics = dynamics.to(device).requires_grad_(False)  # fixed during behaviour learning
         self.optims = {"actor": torch.optim.Adam(self.actor.parameters(), lr),
                        "critic": torch.optim.Adam(self.critic.parameters(), lr),
                        "reward": torch.optim.Adam(self.reward.parameters(), 1e-3),
                        "dynamics": torch.optim.Adam(self.dynamics.parameters(), refit_lr)}
-        self.reward.requires_grad_(False)
         self.scale = ReturnScale()
         self.replay = {"train": sac.ReplayBuffer(dim, capacity, action_dim),
                        "val": sac.ReplayBuffer(dim, capacity // val_every + 1, action_dim)}
@@ -125,19 +117,18 @@ class Imagination:
         self.episodes, self.env_steps = self.episodes + 1, self.env_steps + len(ep["actions"])
 
     def batch(self, split, n):
-        b = {k: v.to(self.device) for k, v in self.replay[split].sample(n, self.rng).items()}
-        return self.standardize(b["z"]), b["a"], b["r"], self.standardize(b["z_next"])
+        b = self.replay[split if len(self.replay[split]) else "train"].sample(n, self.rng)  # few episodes: no held-out
+        return self.standardize(b["z"]), b["a"].to(self.device), b["r"].to(self.device), self.standardize(b["z_next"])
 
     def losses(self, split, n):
         """The reward head's MSE on r_t from z_{t+1} and the dynamics' SmoothL1 on z_{t+1}, on n replay samples."""
-        z, a, r, z_next = self.batch(split if len(self.replay[split]) else "train", n)  # few episodes: no held-out
+        z, a, r, z_next = self.batch(split, n)
         return F.mse_loss(self.reward(z_next).squeeze(-1), r), F.smooth_l1_loss(self.dynamics(z, a), z_next)
 
     def refit(self, steps=None):
         """Warm-started refit of the reward head and the dynamics on training replay, `steps` batches; the losses on
         held-out replay before and after are appended to self.refits and returned."""
-        with torch.no_grad():
-            before = [x.item() for x in self.losses("val", 4096)]
+        before = [x.item() for x in self.losses("val", 4096)]  # reward head and dynamics are frozen here: no graph
         self.reward.requires_grad_(True), self.dynamics.requires_grad_(True)
         for _ in range(self.refit_steps if steps is None else steps):
             reward_loss, dynamics_loss = self.losses("train", self.batch_size)
@@ -146,8 +137,7 @@ class Imagination:
                 loss.backward()
                 self.optims[name].step()
         self.reward.requires_grad_(False), self.dynamics.requires_grad_(False)
-        with torch.no_grad():
-            after = [x.item() for x in self.losses("val", 4096)]
+        after = [x.item() for x in self.losses("val", 4096)]
         row = {"env_steps": self.env_steps, "reward_train": reward_loss.item(), "reward_val_before": before[0],
                "reward_val": after[0], "dynamics_train": dynamics_loss.item(), "dynamics_val": after[1]}
         self.refits.append(row)
@@ -158,7 +148,8 @@ class Imagination:
         log-probabilities and entropies (H, B). With actor_grad 'dynamics' the latents carry the actor's gradient."""
         backprop, zs, logps, ents = self.actor_grad == "dynamics", [z.detach()], [], []
         for _ in range(self.horizon):
-            mean, std = gaussian(self.actor, zs[-1])
+            mean, log_std = self.actor(zs[-1])
+            std = log_std.exp()
             u = mean + std * torch.randn(mean.shape, generator=self.generator, device=self.device)
             u = u if backprop else u.detach()
             logps.append(tanh_log_prob(mean, std, u))
@@ -204,8 +195,7 @@ class Imagination:
             z, a = self.standardize(ep["z"]), torch.as_tensor(np.asarray(ep["actions"]), device=self.device)
             rows.append([((self.reward(z[1:]).squeeze(-1).cpu().numpy() - ep["rewards"]) ** 2).mean(),
                          (self.dynamics(z[:-1], a) - z[1:]).norm(dim=-1).mean().item(), ep["rewards"][-1] >= 1])
-        rows, (z, a, _, z_next) = np.array(rows, np.float64), self.batch("val" if len(self.replay["val"]) else
-                                                                          "train", 4096)
+        rows, (z, a, _, z_next) = np.array(rows, np.float64), self.batch("val", 4096)
         out = {"replay_dynamics_error": (self.dynamics(z, a) - z_next).norm(dim=-1).mean().item()}
         for name, keep in (("success", rows[:, 2] == 1), ("failure", rows[:, 2] == 0)):
             out[name] = {"n": int(keep.sum()), "reward_mse": float(rows[keep, 0].mean()) if keep.any() else None,
@@ -215,9 +205,7 @@ class Imagination:
     @torch.no_grad()
     def __call__(self, z, obs):
         """a = tanh(u), u ~ the actor's Gaussian: actions (B, A) for raw z (B, D), to explore in the real env."""
-        mean, std = gaussian(self.actor, self.standardize(z))
-        u = mean + std * torch.randn(mean.shape, generator=self.generator, device=self.device)
-        return torch.tanh(u).cpu().numpy()
+        return self.actor.sample(self.standardize(z), self.generator)[0].cpu().numpy()
 
     @torch.no_grad()
     def greedy(self, z, obs):

@@ -14,10 +14,9 @@ import torch
 
 
 class Tables:
-    """V-JEPA 2's rotary position tables, cached per (token grid, device, dtype). transformers rebuilds them in
-    every layer on every call (~95 of a layer's ~115 kernel launches) and lays tokens on the checkpoint's grid,
-    crop_size // patch_size wide, whatever the input: at 224 px (14 x 14 patches) 770 of 784 tokens get a wrong
-    (t, h, w). grid 'input' reads the real grid from each input; 'checkpoint' keeps transformers' positions (the
+    """V-JEPA 2's rotary position tables, cached per (token grid, device, dtype). transformers' rebuilding costs ~95
+    of a layer's ~115 kernel launches; its checkpoint grid gives 770 of 784 tokens a wrong (t, h, w) at 224 px (14 x 14
+    patches). grid 'input' reads the real grid from each input; 'checkpoint' keeps transformers' positions (the
     seed's). The tables use transformers' own arithmetic, so where positions agree the output is bit-identical."""
 
     def __init__(self, config, grid):
@@ -35,13 +34,10 @@ class Tables:
     def cos_sin(self, n, head_size, device, dtype):
         key = (n, self.thw if self.grid == "input" else None, device, dtype)
         if key not in self.tables:
-            d, parts = 2 * ((head_size // 3) // 2), []  # transformers' d_dim = h_dim = w_dim
-            for pos in self.positions(n, device):
-                omega = torch.arange(d // 2, dtype=dtype, device=device)
-                omega /= d / 2.0
-                freq = pos.unsqueeze(-1) * (1.0 / 10000 ** omega)
-                parts.append((freq.cos().repeat(1, 2), freq.sin().repeat(1, 2)))
-            self.tables[key] = tuple(torch.cat(p, -1) for p in zip(*parts))
+            d = 2 * ((head_size // 3) // 2)  # transformers' d_dim = h_dim = w_dim
+            omega = torch.arange(d // 2, dtype=dtype, device=device) / (d / 2.0)
+            freqs = [pos.unsqueeze(-1) * (1.0 / 10000 ** omega) for pos in self.positions(n, device)]
+            self.tables[key] = tuple(torch.cat([f(x).repeat(1, 2) for x in freqs], -1) for f in (torch.cos, torch.sin))
         return self.tables[key]
 
     def rotate(self, qk, pos_ids=None):
@@ -58,9 +54,8 @@ def install(model, grid):
     from transformers.models.vjepa2 import modeling_vjepa2 as hf
     rope, layers, c = Tables(model.config, grid), [layer.attention for layer in model.encoder.layer], model.config
     rope.thw = (2, c.crop_size // c.patch_size, c.crop_size // c.patch_size)  # a 4-frame clip, for the check
-    n = rope.thw[0] * rope.thw[1] ** 2
+    attn, n = layers[0], rope.thw[0] * rope.thw[1] ** 2
     try:
-        attn = layers[0]
         qk = torch.randn(1, attn.num_attention_heads, n, attn.attention_head_size,
                          generator=torch.Generator().manual_seed(0))
         ok = all(type(a) is hf.VJEPA2RopeAttention for a in layers) and torch.equal(

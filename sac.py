@@ -80,11 +80,9 @@ class ReplayBuffer:
     """
 
     def __init__(self, dim, capacity, action_dim=2):
-        self.z = np.zeros((capacity, dim), np.float32)
-        self.z_next = np.zeros((capacity, dim), np.float32)
+        self.z, self.z_next = np.zeros((capacity, dim), np.float32), np.zeros((capacity, dim), np.float32)
         self.a = np.zeros((capacity, action_dim), np.float32)
-        self.r = np.zeros(capacity, np.float32)
-        self.done = np.zeros(capacity, np.float32)
+        self.r, self.done = np.zeros(capacity, np.float32), np.zeros(capacity, np.float32)
         self.capacity, self.size, self.pos = capacity, 0, 0
 
     def __len__(self):
@@ -95,17 +93,14 @@ class ReplayBuffer:
         T = len(actions)
         rows = (self.pos + np.arange(T)) % self.capacity
         self.z[rows], self.z_next[rows] = z[:-1], z[1:]
-        self.a[rows], self.r[rows] = actions, rewards
-        self.done[rows] = 0.0
+        self.a[rows], self.r[rows], self.done[rows] = actions, rewards, 0.0
         self.done[rows[-1]] = float(terminal)
         self.pos, self.size = (self.pos + T) % self.capacity, min(self.size + T, self.capacity)
 
-    def rows(self, idx):
-        return {k: torch.from_numpy(getattr(self, k)[idx]) for k in ("z", "a", "r", "z_next", "done")}
-
     def sample(self, n, rng):
         """n uniformly drawn transitions: dict of tensors z (n, D), a (n, A), r (n,), z_next (n, D), done (n,)."""
-        return self.rows(rng.integers(0, self.size, n))
+        idx = rng.integers(0, self.size, n)
+        return {k: torch.from_numpy(getattr(self, k)[idx]) for k in ("z", "a", "r", "z_next", "done")}
 
     def sample_mixed(self, n, demos, rng):
         """Half of the batch from this buffer, half from the demos (RLPD's symmetric sampling)."""
@@ -114,16 +109,14 @@ class ReplayBuffer:
 
 
 def sac_update(nets, optims, batch, gamma=0.99, tau=0.005, target_entropy=None, generator=None):
-    """One gradient step of SAC on a batch of standardised transitions (z, a, r, z_next, done).
-
+    """One gradient step of SAC on a batch of standardised transitions (z, a, r, z_next, done); returns floats.
     nets: actor, critic (QNet), critic_target, log_alpha; optims: actor, critic, alpha (Adam).
       1. critic: regress q1, q2 (z, a) on r + gamma (1 - done) [min Q_target(z', a') - alpha log pi(a'|z')],
          a' ~ pi(z'): the soft Bellman target.
       2. actor: minimise alpha log pi(a|z) - min Q(z, a) with a ~ pi(z) reparameterised (CleanRL every other
          step with two updates; one every step here is the same count, simpler).
       3. alpha: move log alpha so that the policy's entropy tracks target_entropy (None: -action_dim, SAC's).
-      4. Polyak: critic_target <- tau critic + (1 - tau) critic_target.
-    Returns losses and statistics as floats."""
+      4. Polyak: critic_target <- tau critic + (1 - tau) critic_target."""
     actor, critic, critic_target, log_alpha = nets["actor"], nets["critic"], nets["critic_target"], nets["log_alpha"]
     alpha = log_alpha.exp().detach()
     target_entropy = -batch["a"].shape[-1] if target_entropy is None else target_entropy
@@ -170,15 +163,13 @@ class SACAgent:
     def __init__(self, dim, mean, std, action_repeat=2, demos=None, hidden=256, batch_size=256,
                  learning_starts=5_000, updates_per_step=1.0, actor_lr=3e-4, critic_lr=1e-3, gamma=0.99, tau=0.005,
                  capacity=100_000, seed=0, device="cpu", action_dim=2):  # 2: reacher's two joint torques
-        # hidden 256, batch 256, actor lr 3e-4, critic and alpha lr 1e-3, tau 0.005, gamma 0.99: CleanRL's
-        # defaults. learning_starts 5,000: CleanRL's (25 random episodes of 200 steps). capacity in transitions,
-        # not CleanRL's 1M: at D=1024 each costs 8 kB (z and z_next); size it to the whole run.
-        # updates_per_step 1: one update per transition (per decision), as CleanRL and DrQ.
+        # CleanRL's defaults: hidden 256, batch 256, actor lr 3e-4, critic and alpha lr 1e-3, tau 0.005, gamma 0.99,
+        # one update per transition (per decision; DrQ's too), learning_starts 5,000 (25 random episodes of 200 steps).
+        # capacity in transitions, not CleanRL's 1M: at D=1024 each costs 8 kB (z and z_next); size it to the whole run.
         self.device, self.action_repeat, self.batch_size = device, action_repeat, batch_size
         self.gamma, self.tau, self.action_dim = gamma, tau, action_dim
         self.learning_starts, self.updates_per_step = learning_starts, updates_per_step
-        self.mean = torch.as_tensor(mean, dtype=torch.float32, device=device)
-        self.std = torch.as_tensor(std, dtype=torch.float32, device=device)
+        self.mean, self.std = (torch.as_tensor(x, dtype=torch.float32, device=device) for x in (mean, std))
         with torch.random.fork_rng(devices=[]):  # --seed alone fixes the initial weights; caller's RNG untouched
             torch.manual_seed(seed)
             actor, critic = Actor(dim, action_dim, hidden).to(device), QNet(dim, action_dim, hidden).to(device)
@@ -191,8 +182,7 @@ class SACAgent:
                        "alpha": torch.optim.Adam([log_alpha], lr=critic_lr)}
         self.target_entropy = -float(action_dim)  # SAC's heuristic
         self.buffer, self.demos = ReplayBuffer(dim, capacity, action_dim), demos
-        self.rng = np.random.default_rng(seed)
-        self.generator = torch.Generator(device).manual_seed(seed)
+        self.rng, self.generator = np.random.default_rng(seed), torch.Generator(device).manual_seed(seed)
         self.env_steps, self.updates, self.owed, self.info, self.returns = 0, 0, 0.0, {}, []
 
     def standardize(self, z):
@@ -226,10 +216,8 @@ class SACAgent:
         self.returns.append(float(ep["rewards"].sum()))
 
     def update(self):
-        if self.demos is not None:
-            batch = self.buffer.sample_mixed(self.batch_size, self.demos, self.rng)
-        else:
-            batch = self.buffer.sample(self.batch_size, self.rng)
+        n, rng = self.batch_size, self.rng
+        batch = self.buffer.sample(n, rng) if self.demos is None else self.buffer.sample_mixed(n, self.demos, rng)
         batch = {k: v.to(self.device) for k, v in batch.items()}
         batch["z"], batch["z_next"] = self.standardize(batch["z"]), self.standardize(batch["z_next"])
         self.info = sac_update(self.nets, self.optims, batch, self.gamma, self.tau, self.target_entropy, self.generator)
@@ -243,8 +231,7 @@ def demo_buffer(episodes, dim, action_repeat=1, action_dim=2):
     the first action of each block, the block's summed reward (an approximation: the expert's action changes
     within a block)."""
     k = action_repeat
-    n = sum(len(ep["actions"]) // k for ep in episodes)
-    buffer = ReplayBuffer(dim, n, action_dim)
+    buffer = ReplayBuffer(dim, sum(len(ep["actions"]) // k for ep in episodes), action_dim)
     for ep in episodes:
         T = len(ep["actions"]) // k
         rewards = np.asarray(ep["rewards"][:T * k], np.float32).reshape(T, k).sum(1)
