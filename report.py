@@ -37,8 +37,8 @@ SEED_PHASE4 = {  # the seed's Phase 4 table: one 200-step episode each (random s
 @contextlib.contextmanager
 def atomic_path(path):
     """Yield a temp path beside `path`; rename it onto `path` only if the block finishes."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix="-" + os.path.basename(path))  # keeps the extension
     os.close(fd)
     umask = os.umask(0o022)  # read the umask (and put it back): files get the mode a plain open() would give
@@ -52,14 +52,13 @@ def atomic_path(path):
             os.remove(tmp)
 
 
-def save_json(path, obj):
-    with atomic_path(path) as tmp, open(tmp, "w") as f:
-        json.dump(obj, f, indent=1, default=float)
-
-
 def write_text(path, text):
     with atomic_path(path) as tmp, open(tmp, "w") as f:
         f.write(text)
+
+
+def save_json(path, obj):
+    write_text(path, json.dumps(obj, indent=1, default=float))
 
 
 def load_json(path, made_by=None):
@@ -136,18 +135,11 @@ def ridge_fit(X, Y, lam):
     return W, my - mx @ W
 
 
-def r2(Y, P):
-    """R^2 averaged over columns; 0 for predicting the mean, negative for worse."""
-    ss_res = ((Y - P) ** 2).sum(0)
-    ss_tot = ((Y - Y.mean(0)) ** 2).sum(0) + 1e-12
-    return float(np.mean(1 - ss_res / ss_tot))
-
-
 def ridge_probe(X, Y, episode, folds=4, lams=(1e-2, 1e-1, 1, 10, 100, 1e3, 1e4)):
     """Episode-wise k-fold ridge: every row is predicted by a probe fit on the other folds' episodes.
 
-    Returns the pooled out-of-fold R^2 for the best lambda. Pooling over all episodes matters for
-    targets that are constant within an episode (target xy): one held-out episode has no variance.
+    Returns the pooled out-of-fold R^2 (averaged over columns; 0 for predicting the mean) for the best lambda.
+    Pooling over all episodes matters for targets constant within an episode (target xy): one has no variance.
     """
     fold = episode % folds
     best = -np.inf
@@ -160,7 +152,7 @@ def ridge_probe(X, Y, episode, folds=4, lams=(1e-2, 1e-1, 1, 10, 100, 1e3, 1e4))
             mu, sd = X[tr].mean(0), X[tr].std(0) + 1e-6
             W, b = ridge_fit((X[tr] - mu) / sd, Y[tr], lam)
             P[te] = (X[te] - mu) / sd @ W + b
-        best = max(best, r2(Y, P))
+        best = max(best, np.mean(1 - ((Y - P) ** 2).sum(0) / (((Y - Y.mean(0)) ** 2).sum(0) + 1e-12)))
     return float(best)
 
 
