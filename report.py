@@ -23,15 +23,11 @@ class UserError(Exception):
     """A problem the user can fix: printed as one line, never as a traceback."""
 
 
-# The seed's published figures, shown beside ours in every report.
-SEED_PHASE1 = {"bc": dict(success=0.20, reward=66.4), "p": dict(success=0.20, reward=67.6),
-               "random": dict(success=0.02, reward=0.0)}
-SEED_PHASE4 = {  # the seed's Phase 4 table: one 200-step episode each (random shooting: 100 steps)
-    "random/mlp": dict(reward=0.0),
-    "cem/mlp": dict(params="~1.2M", val_loss="~0.01", min_dist=7.80, improvement=0.413, reward=6.0),
-    "cem/mlp_rollout5": dict(min_dist=9.55, improvement=0.314, reward=0.0),
-    "cem/resblock": dict(params="10.5M", val_loss="0.0137", min_dist=9.22, improvement=0.115, reward=0.0),
-}
+# The seed's published figures, shown beside ours in every report: Phase 1's success / return in 200 steps; Phase 4's
+# latent min distance / improvement / reward, one 200-step episode each (random shooting: 100 steps).
+SEED_PHASE1 = {"bc": "20% / 66.4", "p": "20% / 67.6", "random": "2% / 0.0"}
+SEED_PHASE4 = {"random/mlp": "- / - / 0.0", "cem/mlp": "7.8 / 0.413 / 6.0", "cem/mlp_rollout5": "9.55 / 0.314 / 0.0",
+               "cem/resblock": "9.22 / 0.115 / 0.0"}
 
 # ---- Plumbing: atomic writes and JSON --------------------------------------------------------------------------------
 @contextlib.contextmanager
@@ -171,8 +167,6 @@ def probe_embeddings(z, states, min_speed=1e-3):
 
 
 # ---- Report ----------------------------------------------------------------------------------------------------------
-# results.json, report.md, plots and GIFs, rebuilt from the run folder alone. Each table is one
-# function, printed by its stage and joined by write_report.
 def fmt_rate(m, key="success"):
     lo, hi = m[f"{key}_ci"]
     return f"{m[key] * 100:.0f}% [{lo * 100:.0f}, {hi * 100:.0f}]"
@@ -183,17 +177,12 @@ def md_table(header, rows):
     return "\n".join(lines + ["| " + " | ".join(str(c) for c in r) + " |" for r in rows])
 
 
-def seed_figure(name):
-    s = SEED_PHASE1.get(name)
-    return f"{s['success'] * 100:.0f}% / {s['reward']}" if s else ""
-
-
 def phase1_table(results, steps):
     """Experts, BC, RL and random on the same `steps`-step evaluation episodes, beside the seed's figures."""
     conditions = [(f"expert `{k}`", k, v) for k, v in results.get("experts", {}).items()]
     conditions += [(k, k, v) for k, v in results.get("eval", {}).items()]
     rows = [[label, fmt_rate(v), fmt_rate(v, "seed_success"), f"{v['return']:.1f}", f"{v['final_distance']:.3f}",
-             v["n"], fmt_long(v), seed_figure(key)] for label, key, v in conditions]
+             v["n"], fmt_long(v), SEED_PHASE1.get(key, "")] for label, key, v in conditions]
     return (f"Phase 1: live evaluation, {steps}-step episodes (encoder `{results['encoder']['id']}`)\n\n" +
             md_table(["condition", "success [95% CI]", "seed_success", f"mean return ({steps} steps)",
                       "final dist (m)", "n", "return, 1,000 steps", "seed's figure (success / return, 200 steps)"],
@@ -212,13 +201,9 @@ def bc_line(results):
             f"{b['train_mse']:.5f}, val MSE {b['val_mse']:.5f} ({b['split']} split; seed: 279,490, 0.0001 / 0.0002).")
 
 
-def every_third(errors):
-    return " ".join(f"{x:.3f}" for x in errors[:10:3])
-
-
 def dynamics_table(results):
     rows = [[k, f"{d['params']:,}", d["epochs"], f"{d['val_loss']:.5f}" + (" (k-step)" if d["rollout"] > 1 else ""),
-             every_third(d["kstep_error"]), every_third(d["kstep_copy"])]
+             *(" ".join(f"{x:.3f}" for x in d[key][:10:3]) for key in ("kstep_error", "kstep_copy"))]
             for k, d in results["dynamics"].items()]
     return md_table(["model", "params", "epochs", "best val SmoothL1", "k-step error k=1,4,7,10",
                      "copy-z_t baseline"], rows)
@@ -226,13 +211,10 @@ def dynamics_table(results):
 
 def plan_table(results, steps):
     """Phase 4 per planner/model: success, return and finger distances in metres, beside the seed's figures."""
-    rows = []
-    for k, p in results["plan"].items():
-        s = SEED_PHASE4.get(k, {})
-        seed = f"{s.get('min_dist', '-')} / {s.get('improvement', '-')} / {s.get('reward', '')}"
-        rows.append([k, fmt_rate(p), p.get("steps", steps), f"{p['return']:.1f}", f"{p['initial_distance']:.3f}",
-                     f"{p['final_distance']:.3f} ± {p['final_distance_ci']:.3f}", f"{p['min_distance']:.3f}",
-                     f"{p['ms_per_action']:.0f}", p["n"], fmt_long(p), seed])
+    rows = [[k, fmt_rate(p), p.get("steps", steps), f"{p['return']:.1f}", f"{p['initial_distance']:.3f}",
+             f"{p['final_distance']:.3f} ± {p['final_distance_ci']:.3f}", f"{p['min_distance']:.3f}",
+             f"{p['ms_per_action']:.0f}", p["n"], fmt_long(p), SEED_PHASE4.get(k, "- / - / ")]
+            for k, p in results["plan"].items()]
     return (f"Phase 4: latent MPC (encoder `{results['encoder']['id']}`)\n\n" +
             md_table(["planner/model", "success", "steps", "return", "initial dist (m)", "final dist (m)",
                       "closest (m)", "ms/action", "n", "return, 1,000 steps",
@@ -260,12 +242,11 @@ def rl_section(results):
 
 def imagine_section(results):
     """Phase 5's table: the actor-critic learned in imagination, on the evaluation and the planning episodes."""
-    im, rows = results["imagine"], []
-    for label, m in ((f"evaluation episodes, {im['steps']} steps", im["eval"]),
-                     (f"planning episodes (CEM's), {im['plan_steps']} steps", im["plan"]),
-                     ("evaluation episodes, reacher-easy's 1,000 steps", im["eval"].get("standard"))):
-        if m:
-            rows.append([label, fmt_rate(m), f"{m['return']:.1f} ± {m['return_ci']:.1f}", m["n"]])
+    im = results["imagine"]
+    rows = [[label, fmt_rate(m), f"{m['return']:.1f} ± {m['return_ci']:.1f}", m["n"]]
+            for label, m in ((f"evaluation episodes, {im['steps']} steps", im["eval"]),
+                             (f"planning episodes (CEM's), {im['plan_steps']} steps", im["plan"]),
+                             ("evaluation episodes, reacher-easy's 1,000 steps", im["eval"].get("standard"))) if m]
     first, last = im["refits"][0], im["refits"][-1]
     return (f"### Phase 5: actor-critic in imagination (encoder `{results['encoder']['id']}`)\n\n" +
             md_table(["episodes", "success [95% CI]", "return", "n"], rows) +
