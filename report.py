@@ -268,32 +268,26 @@ def diagnosis_line(d):
             f" (held-out replay: {d['replay_dynamics_error']:.3f}).")
 
 
-def gif(path, frames, captions, goal=None):
-    """Frames (T, H, W, 3) -> GIF with a caption on a dark band; the goal frame beside each one."""
+def save_rollout_gif(path, ep, title, goal=None):
+    """An episode's frames (T, H, W, 3) -> GIF, each captioned on a dark band with its finger-to-target distance
+    (ep["distances"], metres) at that step; the goal frame beside each one."""
     from PIL import Image, ImageDraw, ImageFont
+    frames, d = ep["frames"], ep["distances"]
     try:
         font = ImageFont.load_default(size=max(12, frames.shape[1] // 18))
     except TypeError:  # Pillow < 10.1 has one fixed-size bitmap font
         font = ImageFont.load_default()
-    images = []
-    for f, text in zip(frames, captions):
-        img = np.concatenate([f, goal], 1) if goal is not None else f
-        im = Image.fromarray(img)
+    band, images = font.getbbox("Ag")[3] + 8, []
+    for t, f in enumerate(frames):
+        im = Image.fromarray(np.concatenate([f, goal], 1) if goal is not None else f)
         draw = ImageDraw.Draw(im)
-        band = font.getbbox("Ag")[3] + 8
         draw.rectangle((0, 0, im.width, band), fill=(0, 0, 0))
-        draw.text((4, 4), text, fill=(255, 255, 255), font=font)
+        draw.text((4, 4), f"{title}  step {t}  dist {d[t]:.3f} m", fill=(255, 255, 255), font=font)
         if goal is not None:
             draw.text((f.shape[1] + 4, 4), "goal", fill=(255, 255, 255), font=font)
         images.append(im)
     with atomic_path(path) as tmp:
         images[0].save(tmp, format="GIF", save_all=True, append_images=images[1:], duration=60, loop=0)
-
-
-def save_rollout_gif(path, ep, title, goal=None):
-    """An episode's frames captioned with its finger-to-target distance (ep["distances"], metres) at each step."""
-    d = ep["distances"]
-    gif(path, ep["frames"], [f"{title}  step {t}  dist {d[t]:.3f} m" for t in range(len(ep["frames"]))], goal)
 
 
 def evaluated(results):
@@ -346,8 +340,7 @@ def plot_plan(plt, results, enc):
 
 
 def plot_rl(plt, results, enc):
-    """SAC's and the actor-critic's learning curves against environment steps (the actor-critic's count the Phase 2
-    data it started from)."""
+    """SAC's and the actor-critic's learning curves against env steps (the actor-critic's count its Phase 2 data)."""
     curves = {k: v["curve"] for k, v in results.get("rl", {}).get("runs", {}).items()}
     curves.update({"imagine": results["imagine"]["curve"]} if "imagine" in results else {})
     if not curves:
