@@ -135,8 +135,7 @@ def ridge_probe(X, Y, episode, folds=4, lams=(1e-2, 1e-1, 1, 10, 100, 1e3, 1e4))
     """Episode-wise k-fold ridge: every row is predicted by a probe fit on the other folds' episodes.
 
     Returns the pooled out-of-fold R^2 (averaged over columns; 0 for predicting the mean) for the best lambda.
-    Pooling over all episodes matters for targets constant within an episode (target xy): one has no variance.
-    """
+    Pooling over all episodes matters for targets constant within an episode (target xy): one has no variance."""
     fold = episode % folds
     best = -np.inf
     for lam in lams:
@@ -303,10 +302,9 @@ def plot_success(plt, results, enc):
     if not conditions:
         return None
     fig, ax = plt.subplots(figsize=(max(5, 1.1 * len(conditions)), 3.2))
-    names = list(conditions)
-    rates = np.array([conditions[n]["success"] for n in names])
-    ci = np.array([conditions[n]["success_ci"] for n in names]).T
-    ax.bar(names, rates * 100, yerr=np.abs(ci - rates) * 100, capsize=4)
+    rates = np.array([m["success"] for m in conditions.values()])
+    ci = np.array([m["success_ci"] for m in conditions.values()]).T
+    ax.bar(list(conditions), rates * 100, yerr=np.abs(ci - rates) * 100, capsize=4)
     ax.set(ylabel="final-step success %", ylim=(0, 105), title=f"Success with 95% Wilson CI ({enc})")
     ax.tick_params(axis="x", rotation=30)
     return fig
@@ -387,21 +385,18 @@ def make_plots(out, results):
 def collect_results(out):
     """Assemble results.json from the stage outputs in the run folder."""
     config = load_json(os.path.join(out, "config.json"), made_by="any stage")
-    timing = os.path.join(out, "timing.json")
-    results = {"config": config, "encoder": config.get("encoder_info", {"id": config["encoder"]}),
-               "timing": load_json(timing) if os.path.exists(timing) else {}}
-    for name, key in (("bc.json", "bc"), ("eval.json", None), ("rl.json", "rl"), ("dynamics.json", None),
-                      ("imagine.json", "imagine"), ("plan.json", None), ("probe.json", None)):
+    results = {"config": config, "encoder": config.get("encoder_info", {"id": config["encoder"]}), "timing": {}}
+    for name, key in (("timing.json", "timing"), ("bc.json", "bc"), ("eval.json", None), ("rl.json", "rl"),
+                      ("dynamics.json", None), ("imagine.json", "imagine"), ("plan.json", None), ("probe.json", None)):
         path = os.path.join(out, name)
         if os.path.exists(path):
             part = load_json(path)
             if key is None and "steps" in part:  # each table's own episode length: eval_steps, plan_steps
                 part[f"{name[:-5]}_steps"] = part.pop("steps")
             results.update({key: part} if key else part)
-    if "rl" in results and "eval" in results:  # SAC's final policies join the Phase 1 table
-        results["eval"].update(results["rl"]["eval"])
-    if "imagine" in results and "eval" in results:  # and so does the actor-critic's
-        results["eval"]["imagine"] = results["imagine"]["eval"]
+    if "eval" in results:  # SAC's final policies and the actor-critic's join the Phase 1 table
+        results["eval"].update(results.get("rl", {}).get("eval", {}))
+        results["eval"].update({"imagine": results["imagine"]["eval"]} if "imagine" in results else {})
     return results
 
 
@@ -449,12 +444,9 @@ def report_phase1(results, plots):
                   "success: reward 1 at the last step. seed_success: return > 150 per 200 steps (the seed's own "
                   "definition, scaled to the episode length). The seed's expert was the `p` controller; its random "
                   "figure was '~2% / ~0'.", ""]
-    if "bc" in results:
-        parts += [bc_line(results), ""]
-    if "rl" in results:
-        parts += [rl_section(results), ""]
-    if "imagine" in results:
-        parts += [imagine_section(results), ""]
+    for key, section in (("bc", bc_line), ("rl", rl_section), ("imagine", imagine_section)):
+        if key in results:
+            parts += [section(results), ""]
     if "success.png" in plots:
         parts += [f"![success rates, encoder {enc}](success.png)", ""]
     return parts
@@ -466,9 +458,9 @@ def report_phase4(results):
     if "dynamics" in results:
         parts += [f"## Phase 3/4c/4d: dynamics models (encoder `{enc}`)", "", dynamics_table(results), "",
                   "Errors are L2 on validation episodes in one space for every model: latents standardised with the "
-                  "training episodes' statistics. A model below the copy "
-                  "baseline predicts motion; one at it has learned nothing. Seed: mlp ~1.2M params, val ~0.01; "
-                  "resblock 10.5M, val 0.0137.", "", f"![dynamics, encoder {enc}](dynamics.png)", ""]
+                  "training episodes' statistics. A model below the copy baseline predicts motion; one at it has "
+                  "learned nothing. Seed: mlp ~1.2M params, val ~0.01; resblock 10.5M, val 0.0137.", "",
+                  f"![dynamics, encoder {enc}](dynamics.png)", ""]
     if results.get("plan"):
         parts += ["## " + plan_table(results, results.get("plan_steps", cfg["plan_steps"])), "",
                   "Distances are the simulator's finger-to-target metres (mean ± 95% over episodes); success needs "
