@@ -400,12 +400,6 @@ def collect_results(out):
     return results
 
 
-def encoder_note(enc):
-    if enc == "tiny":
-        return " (`tiny` is a random-weight VJEPA2 model: it tests the plumbing and is NOT V-JEPA 2)"
-    return " (`state` is the privileged-state oracle, not pixels)" if enc == "state" else ""
-
-
 def recipe_notes(cfg):
     """The seed's own inconsistencies, stated as the seed's wherever --recipe seed reproduces them."""
     notes = {"MPC sees the current frame repeated x8, not the window its dynamics were trained on (mpc_planner.py).":
@@ -420,20 +414,6 @@ def recipe_notes(cfg):
              "Demos and exploration share episode seeds 0..N-1 (the seed's epsilon draws were unseeded; ours are).":
              cfg.get("episode_seeds") == "seed"}
     return [note for note, applies in notes.items() if applies]
-
-
-def report_head(results, out):
-    """Title, recipe, the commands that made the run, and the seed's inconsistencies that the recipe reproduces."""
-    enc, cfg = results["encoder"]["id"], results["config"]
-    parts = [f"# vjepa-reacher report: encoder `{enc}`{encoder_note(enc)}", "",
-             f"Recipe `{cfg.get('recipe', 'ours')}`. Made by these commands, in order:", ""]
-    parts += [f"    {c}" for c in cfg.get("commands", [])]
-    parts += ["", f"Rebuild with `python vjepa_reacher.py report --out {out}`.", ""]
-    notes = recipe_notes(cfg)
-    if notes:
-        parts += ["The seed's inconsistencies, reproduced on purpose by `--recipe seed`:", ""]
-        parts += [f"- {n}" for n in notes] + [""]
-    return parts
 
 
 def report_phase1(results, plots):
@@ -474,13 +454,24 @@ def report_phase4(results):
 
 
 def write_report(out):
-    """Rebuild results.json, the plots and report.md from the run folder; nothing is re-run."""
+    """Rebuild results.json, the plots, rl_curve.csv and report.md from the run folder; nothing is re-run.
+    report.md: title, recipe, the commands that made the run and the seed's inconsistencies the recipe reproduces,
+    then the phases' tables, the rollout GIFs and the wall time per stage."""
     results = collect_results(out)
     plots = make_plots(out, results)
     write_curves(out, results)
-    parts = report_head(results, out) + report_phase1(results, plots) + report_phase4(results)
-    gifs = sorted(os.path.basename(g) for g in glob.glob(os.path.join(out, "*.gif")))
-    if gifs:
+    enc, cfg = results["encoder"]["id"], results["config"]
+    note = {"tiny": " (`tiny` is a random-weight VJEPA2 model: it tests the plumbing and is NOT V-JEPA 2)",
+            "state": " (`state` is the privileged-state oracle, not pixels)"}.get(enc, "")
+    parts = [f"# vjepa-reacher report: encoder `{enc}`{note}", "",
+             f"Recipe `{cfg.get('recipe', 'ours')}`. Made by these commands, in order:", "",
+             *(f"    {c}" for c in cfg.get("commands", [])), "",
+             f"Rebuild with `python vjepa_reacher.py report --out {out}`.", ""]
+    if notes := recipe_notes(cfg):
+        parts += ["The seed's inconsistencies, reproduced on purpose by `--recipe seed`:", ""]
+        parts += [f"- {n}" for n in notes] + [""]
+    parts += report_phase1(results, plots) + report_phase4(results)
+    if gifs := sorted(os.path.basename(g) for g in glob.glob(os.path.join(out, "*.gif"))):
         parts += ["## Rollouts", ""] + [f"![{g}]({g})" for g in gifs] + [""]
     if results["timing"]:
         parts += ["## Cost: wall time per stage on this machine", "",
