@@ -183,9 +183,8 @@ def phase1_table(results, steps):
     rows = [[label, fmt_rate(v), fmt_rate(v, "seed_success"), f"{v['return']:.1f}", f"{v['final_distance']:.3f}",
              v["n"], fmt_long(v), SEED_PHASE1.get(key, "")] for label, key, v in conditions]
     return (f"Phase 1: live evaluation, {steps}-step episodes (encoder `{results['encoder']['id']}`)\n\n" +
-            md_table(["condition", "success [95% CI]", "seed_success", f"mean return ({steps} steps)",
-                      "final dist (m)", "n", "return, 1,000 steps", "seed's figure (success / return, 200 steps)"],
-                     rows))
+            md_table(["condition", "success [95% CI]", "seed_success", f"mean return ({steps} steps)", "final dist (m)",
+                      "n", "return, 1,000 steps", "seed's figure (success / return, 200 steps)"], rows))
 
 
 def fmt_long(m):
@@ -416,8 +415,8 @@ def recipe_notes(cfg):
     return [note for note, applies in notes.items() if applies]
 
 
-def report_phase1(results, plots):
-    """Phase 1 and SAC: live evaluation, BC, RL."""
+def report_sections(results, plots):
+    """report.md's section for each stage that has run: Phase 1, BC, SAC, Phase 5, dynamics, latent MPC, the probe."""
     enc, cfg, parts = results["encoder"]["id"], results["config"], []
     if "eval" in results:
         parts += ["## " + phase1_table(results, results.get("eval_steps", cfg["steps"])), "",
@@ -429,12 +428,6 @@ def report_phase1(results, plots):
             parts += [section(results), ""]
     if "success.png" in plots:
         parts += [f"![success rates, encoder {enc}](success.png)", ""]
-    return parts
-
-
-def report_phase4(results):
-    """Dynamics models, latent MPC and the probe."""
-    enc, cfg, parts = results["encoder"]["id"], results["config"], []
     if "dynamics" in results:
         parts += [f"## Phase 3/4c/4d: dynamics models (encoder `{enc}`)", "", dynamics_table(results), "",
                   "Errors are L2 on validation episodes in one space for every model: latents standardised with the "
@@ -470,7 +463,7 @@ def write_report(out):
     if notes := recipe_notes(cfg):
         parts += ["The seed's inconsistencies, reproduced on purpose by `--recipe seed`:", ""]
         parts += [f"- {n}" for n in notes] + [""]
-    parts += report_phase1(results, plots) + report_phase4(results)
+    parts += report_sections(results, plots)
     if gifs := sorted(os.path.basename(g) for g in glob.glob(os.path.join(out, "*.gif"))):
         parts += ["## Rollouts", ""] + [f"![{g}]({g})" for g in gifs] + [""]
     if results["timing"]:
@@ -485,9 +478,7 @@ def write_report(out):
 def headline(results):
     """Every headline number of one run: {name: (success, n, return)} and probe R^2 values."""
     numbers = {k: {"success": v["success"], "n": v["n"], "return": v["return"]} for k, v in evaluated(results).items()}
-    for target, r2_value in results.get("probe", {}).get("encoder", {}).items():
-        numbers[f"probe R^2 {target}"] = {"value": r2_value}
-    return numbers
+    return numbers | {f"probe R^2 {k}": {"value": v} for k, v in results.get("probe", {}).get("encoder", {}).items()}
 
 
 def seed_entry(name, values):
@@ -527,8 +518,7 @@ def aggregate_seeds(out, seeds):
     """OUT/seeds.json and seeds.md from OUT/seed_S/results.json: per seed (its Wilson interval over its episodes)
     and the mean ± 95% t-interval across seeds. Evaluation episodes are shared, so seeds are paired and no
     episode is counted twice; the experts, the same for every seed, are one evaluation."""
-    per_seed = {s: headline(load_json(os.path.join(out, f"seed_{s}", "results.json"), made_by="report"))
-                for s in seeds}
+    per_seed = {s: headline(load_json(os.path.join(out, f"seed_{s}", "results.json"), made_by="report")) for s in seeds}
     names = [k for k in per_seed[seeds[0]] if all(k in per_seed[s] for s in seeds)]
     table = {name: seed_entry(name, [per_seed[s][name] for s in seeds]) for name in names}
     save_json(os.path.join(out, "seeds.json"), {"seeds": seeds, "headline": table, "per_seed": per_seed})
