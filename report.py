@@ -136,8 +136,7 @@ def ridge_probe(X, Y, episode, folds=4, lams=(1e-2, 1e-1, 1, 10, 100, 1e3, 1e4))
 
     Returns the pooled out-of-fold R^2 (averaged over columns; 0 for predicting the mean) for the best lambda.
     Pooling over all episodes matters for targets constant within an episode (target xy): one has no variance."""
-    fold = episode % folds
-    best = -np.inf
+    fold, best = episode % folds, -np.inf
     for lam in lams:
         P = np.zeros_like(Y)
         for f in np.unique(fold):
