@@ -54,7 +54,8 @@ def write_text(path, text):
 
 
 def save_json(path, obj):
-    write_text(path, json.dumps(obj, indent=1, default=float))
+    with atomic_path(path) as tmp, open(tmp, "w") as f:
+        json.dump(obj, f, indent=1, default=float)
 
 
 def load_json(path, made_by=None):
