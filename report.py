@@ -48,14 +48,14 @@ def atomic_path(path):
             os.remove(tmp)
 
 
-def write_text(path, text):
-    with atomic_path(path) as tmp, open(tmp, "w") as f:
-        f.write(text)
-
-
 def save_json(path, obj):
     with atomic_path(path) as tmp, open(tmp, "w") as f:
         json.dump(obj, f, indent=1, default=float)
+
+
+def write_text(path, text):
+    with atomic_path(path) as tmp, open(tmp, "w") as f:
+        f.write(text)
 
 
 def load_json(path, made_by=None):
