@@ -23,22 +23,18 @@ class UserError(Exception):
     """A problem the user can fix: printed as one line, never as a traceback."""
 
 
-# The seed's published figures, shown beside ours in every report.
-SEED_PHASE1 = {"bc": dict(success=0.20, reward=66.4), "p": dict(success=0.20, reward=67.6),
-               "random": dict(success=0.02, reward=0.0)}
-SEED_PHASE4 = {  # the seed's Phase 4 table: one 200-step episode each (random shooting: 100 steps)
-    "random/mlp": dict(reward=0.0),
-    "cem/mlp": dict(params="~1.2M", val_loss="~0.01", min_dist=7.80, improvement=0.413, reward=6.0),
-    "cem/mlp_rollout5": dict(min_dist=9.55, improvement=0.314, reward=0.0),
-    "cem/resblock": dict(params="10.5M", val_loss="0.0137", min_dist=9.22, improvement=0.115, reward=0.0),
-}
+# The seed's published figures, shown beside ours in every report: Phase 1's success / return in 200 steps; Phase 4's
+# latent min distance / improvement / reward, one 200-step episode each (random shooting: 100 steps).
+SEED_PHASE1 = {"bc": "20% / 66.4", "p": "20% / 67.6", "random": "2% / 0.0"}
+SEED_PHASE4 = {"random/mlp": "- / - / 0.0", "cem/mlp": "7.8 / 0.413 / 6.0", "cem/mlp_rollout5": "9.55 / 0.314 / 0.0",
+               "cem/resblock": "9.22 / 0.115 / 0.0"}
 
 # ---- Plumbing: atomic writes and JSON --------------------------------------------------------------------------------
 @contextlib.contextmanager
 def atomic_path(path):
     """Yield a temp path beside `path`; rename it onto `path` only if the block finishes."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix="-" + os.path.basename(path))  # keeps the extension
     os.close(fd)
     umask = os.umask(0o022)  # read the umask (and put it back): files get the mode a plain open() would give
@@ -136,21 +132,12 @@ def ridge_fit(X, Y, lam):
     return W, my - mx @ W
 
 
-def r2(Y, P):
-    """R^2 averaged over columns; 0 for predicting the mean, negative for worse."""
-    ss_res = ((Y - P) ** 2).sum(0)
-    ss_tot = ((Y - Y.mean(0)) ** 2).sum(0) + 1e-12
-    return float(np.mean(1 - ss_res / ss_tot))
-
-
 def ridge_probe(X, Y, episode, folds=4, lams=(1e-2, 1e-1, 1, 10, 100, 1e3, 1e4)):
     """Episode-wise k-fold ridge: every row is predicted by a probe fit on the other folds' episodes.
 
-    Returns the pooled out-of-fold R^2 for the best lambda. Pooling over all episodes matters for
-    targets that are constant within an episode (target xy): one held-out episode has no variance.
-    """
-    fold = episode % folds
-    best = -np.inf
+    Returns the pooled out-of-fold R^2 (averaged over columns; 0 for predicting the mean) for the best lambda.
+    Pooling over all episodes matters for targets constant within an episode (target xy): one has no variance."""
+    fold, best = episode % folds, -np.inf
     for lam in lams:
         P = np.zeros_like(Y)
         for f in np.unique(fold):
@@ -160,7 +147,7 @@ def ridge_probe(X, Y, episode, folds=4, lams=(1e-2, 1e-1, 1, 10, 100, 1e3, 1e4))
             mu, sd = X[tr].mean(0), X[tr].std(0) + 1e-6
             W, b = ridge_fit((X[tr] - mu) / sd, Y[tr], lam)
             P[te] = (X[te] - mu) / sd @ W + b
-        best = max(best, r2(Y, P))
+        best = max(best, np.mean(1 - ((Y - P) ** 2).sum(0) / (((Y - Y.mean(0)) ** 2).sum(0) + 1e-12)))
     return float(best)
 
 
@@ -179,8 +166,6 @@ def probe_embeddings(z, states, min_speed=1e-3):
 
 
 # ---- Report ----------------------------------------------------------------------------------------------------------
-# results.json, report.md, plots and GIFs, rebuilt from the run folder alone. Each table is one
-# function, printed by its stage and joined by write_report.
 def fmt_rate(m, key="success"):
     lo, hi = m[f"{key}_ci"]
     return f"{m[key] * 100:.0f}% [{lo * 100:.0f}, {hi * 100:.0f}]"
@@ -191,21 +176,15 @@ def md_table(header, rows):
     return "\n".join(lines + ["| " + " | ".join(str(c) for c in r) + " |" for r in rows])
 
 
-def seed_figure(name):
-    s = SEED_PHASE1.get(name)
-    return f"{s['success'] * 100:.0f}% / {s['reward']}" if s else ""
-
-
 def phase1_table(results, steps):
     """Experts, BC, RL and random on the same `steps`-step evaluation episodes, beside the seed's figures."""
     conditions = [(f"expert `{k}`", k, v) for k, v in results.get("experts", {}).items()]
     conditions += [(k, k, v) for k, v in results.get("eval", {}).items()]
     rows = [[label, fmt_rate(v), fmt_rate(v, "seed_success"), f"{v['return']:.1f}", f"{v['final_distance']:.3f}",
-             v["n"], fmt_long(v), seed_figure(key)] for label, key, v in conditions]
+             v["n"], fmt_long(v), SEED_PHASE1.get(key, "")] for label, key, v in conditions]
     return (f"Phase 1: live evaluation, {steps}-step episodes (encoder `{results['encoder']['id']}`)\n\n" +
-            md_table(["condition", "success [95% CI]", "seed_success", f"mean return ({steps} steps)",
-                      "final dist (m)", "n", "return, 1,000 steps", "seed's figure (success / return, 200 steps)"],
-                     rows))
+            md_table(["condition", "success [95% CI]", "seed_success", f"mean return ({steps} steps)", "final dist (m)",
+                      "n", "return, 1,000 steps", "seed's figure (success / return, 200 steps)"], rows))
 
 
 def fmt_long(m):
@@ -220,13 +199,9 @@ def bc_line(results):
             f"{b['train_mse']:.5f}, val MSE {b['val_mse']:.5f} ({b['split']} split; seed: 279,490, 0.0001 / 0.0002).")
 
 
-def every_third(errors):
-    return " ".join(f"{x:.3f}" for x in errors[:10:3])
-
-
 def dynamics_table(results):
     rows = [[k, f"{d['params']:,}", d["epochs"], f"{d['val_loss']:.5f}" + (" (k-step)" if d["rollout"] > 1 else ""),
-             every_third(d["kstep_error"]), every_third(d["kstep_copy"])]
+             *(" ".join(f"{x:.3f}" for x in d[key][:10:3]) for key in ("kstep_error", "kstep_copy"))]
             for k, d in results["dynamics"].items()]
     return md_table(["model", "params", "epochs", "best val SmoothL1", "k-step error k=1,4,7,10",
                      "copy-z_t baseline"], rows)
@@ -234,13 +209,10 @@ def dynamics_table(results):
 
 def plan_table(results, steps):
     """Phase 4 per planner/model: success, return and finger distances in metres, beside the seed's figures."""
-    rows = []
-    for k, p in results["plan"].items():
-        s = SEED_PHASE4.get(k, {})
-        seed = f"{s.get('min_dist', '-')} / {s.get('improvement', '-')} / {s.get('reward', '')}"
-        rows.append([k, fmt_rate(p), p.get("steps", steps), f"{p['return']:.1f}", f"{p['initial_distance']:.3f}",
-                     f"{p['final_distance']:.3f} ± {p['final_distance_ci']:.3f}", f"{p['min_distance']:.3f}",
-                     f"{p['ms_per_action']:.0f}", p["n"], fmt_long(p), seed])
+    rows = [[k, fmt_rate(p), p.get("steps", steps), f"{p['return']:.1f}", f"{p['initial_distance']:.3f}",
+             f"{p['final_distance']:.3f} ± {p['final_distance_ci']:.3f}", f"{p['min_distance']:.3f}",
+             f"{p['ms_per_action']:.0f}", p["n"], fmt_long(p), SEED_PHASE4.get(k, "- / - / ")]
+            for k, p in results["plan"].items()]
     return (f"Phase 4: latent MPC (encoder `{results['encoder']['id']}`)\n\n" +
             md_table(["planner/model", "success", "steps", "return", "initial dist (m)", "final dist (m)",
                       "closest (m)", "ms/action", "n", "return, 1,000 steps",
@@ -268,12 +240,11 @@ def rl_section(results):
 
 def imagine_section(results):
     """Phase 5's table: the actor-critic learned in imagination, on the evaluation and the planning episodes."""
-    im, rows = results["imagine"], []
-    for label, m in ((f"evaluation episodes, {im['steps']} steps", im["eval"]),
-                     (f"planning episodes (CEM's), {im['plan_steps']} steps", im["plan"]),
-                     ("evaluation episodes, reacher-easy's 1,000 steps", im["eval"].get("standard"))):
-        if m:
-            rows.append([label, fmt_rate(m), f"{m['return']:.1f} ± {m['return_ci']:.1f}", m["n"]])
+    im = results["imagine"]
+    rows = [[label, fmt_rate(m), f"{m['return']:.1f} ± {m['return_ci']:.1f}", m["n"]]
+            for label, m in ((f"evaluation episodes, {im['steps']} steps", im["eval"]),
+                             (f"planning episodes (CEM's), {im['plan_steps']} steps", im["plan"]),
+                             ("evaluation episodes, reacher-easy's 1,000 steps", im["eval"].get("standard"))) if m]
     first, last = im["refits"][0], im["refits"][-1]
     return (f"### Phase 5: actor-critic in imagination (encoder `{results['encoder']['id']}`)\n\n" +
             md_table(["episodes", "success [95% CI]", "return", "n"], rows) +
@@ -295,32 +266,26 @@ def diagnosis_line(d):
             f" (held-out replay: {d['replay_dynamics_error']:.3f}).")
 
 
-def gif(path, frames, captions, goal=None):
-    """Frames (T, H, W, 3) -> GIF with a caption on a dark band; the goal frame beside each one."""
+def save_rollout_gif(path, ep, title, goal=None):
+    """An episode's frames (T, H, W, 3) -> GIF, each captioned on a dark band with its finger-to-target distance
+    (ep["distances"], metres) at that step; the goal frame beside each one."""
     from PIL import Image, ImageDraw, ImageFont
+    frames, d = ep["frames"], ep["distances"]
     try:
         font = ImageFont.load_default(size=max(12, frames.shape[1] // 18))
     except TypeError:  # Pillow < 10.1 has one fixed-size bitmap font
         font = ImageFont.load_default()
-    images = []
-    for f, text in zip(frames, captions):
-        img = np.concatenate([f, goal], 1) if goal is not None else f
-        im = Image.fromarray(img)
+    band, images = font.getbbox("Ag")[3] + 8, []
+    for t, f in enumerate(frames):
+        im = Image.fromarray(np.concatenate([f, goal], 1) if goal is not None else f)
         draw = ImageDraw.Draw(im)
-        band = font.getbbox("Ag")[3] + 8
         draw.rectangle((0, 0, im.width, band), fill=(0, 0, 0))
-        draw.text((4, 4), text, fill=(255, 255, 255), font=font)
+        draw.text((4, 4), f"{title}  step {t}  dist {d[t]:.3f} m", fill=(255, 255, 255), font=font)
         if goal is not None:
             draw.text((f.shape[1] + 4, 4), "goal", fill=(255, 255, 255), font=font)
         images.append(im)
     with atomic_path(path) as tmp:
         images[0].save(tmp, format="GIF", save_all=True, append_images=images[1:], duration=60, loop=0)
-
-
-def save_rollout_gif(path, ep, title, goal=None):
-    """An episode's frames captioned with its finger-to-target distance (ep["distances"], metres) at each step."""
-    d = ep["distances"]
-    gif(path, ep["frames"], [f"{title}  step {t}  dist {d[t]:.3f} m" for t in range(len(ep["frames"]))], goal)
 
 
 def evaluated(results):
@@ -336,10 +301,9 @@ def plot_success(plt, results, enc):
     if not conditions:
         return None
     fig, ax = plt.subplots(figsize=(max(5, 1.1 * len(conditions)), 3.2))
-    names = list(conditions)
-    rates = np.array([conditions[n]["success"] for n in names])
-    ci = np.array([conditions[n]["success_ci"] for n in names]).T
-    ax.bar(names, rates * 100, yerr=np.abs(ci - rates) * 100, capsize=4)
+    rates = np.array([m["success"] for m in conditions.values()])
+    ci = np.array([m["success_ci"] for m in conditions.values()]).T
+    ax.bar(list(conditions), rates * 100, yerr=np.abs(ci - rates) * 100, capsize=4)
     ax.set(ylabel="final-step success %", ylim=(0, 105), title=f"Success with 95% Wilson CI ({enc})")
     ax.tick_params(axis="x", rotation=30)
     return fig
@@ -373,8 +337,7 @@ def plot_plan(plt, results, enc):
 
 
 def plot_rl(plt, results, enc):
-    """SAC's and the actor-critic's learning curves against environment steps (the actor-critic's count the Phase 2
-    data it started from)."""
+    """SAC's and the actor-critic's learning curves against env steps (the actor-critic's count its Phase 2 data)."""
     curves = {k: v["curve"] for k, v in results.get("rl", {}).get("runs", {}).items()}
     curves.update({"imagine": results["imagine"]["curve"]} if "imagine" in results else {})
     if not curves:
@@ -421,28 +384,19 @@ def make_plots(out, results):
 def collect_results(out):
     """Assemble results.json from the stage outputs in the run folder."""
     config = load_json(os.path.join(out, "config.json"), made_by="any stage")
-    timing = os.path.join(out, "timing.json")
-    results = {"config": config, "encoder": config.get("encoder_info", {"id": config["encoder"]}),
-               "timing": load_json(timing) if os.path.exists(timing) else {}}
-    for name, key in (("bc.json", "bc"), ("eval.json", None), ("rl.json", "rl"), ("dynamics.json", None),
-                      ("imagine.json", "imagine"), ("plan.json", None), ("probe.json", None)):
+    results = {"config": config, "encoder": config.get("encoder_info", {"id": config["encoder"]}), "timing": {}}
+    for name, key in (("timing.json", "timing"), ("bc.json", "bc"), ("eval.json", None), ("rl.json", "rl"),
+                      ("dynamics.json", None), ("imagine.json", "imagine"), ("plan.json", None), ("probe.json", None)):
         path = os.path.join(out, name)
         if os.path.exists(path):
             part = load_json(path)
             if key is None and "steps" in part:  # each table's own episode length: eval_steps, plan_steps
                 part[f"{name[:-5]}_steps"] = part.pop("steps")
             results.update({key: part} if key else part)
-    if "rl" in results and "eval" in results:  # SAC's final policies join the Phase 1 table
-        results["eval"].update(results["rl"]["eval"])
-    if "imagine" in results and "eval" in results:  # and so does the actor-critic's
-        results["eval"]["imagine"] = results["imagine"]["eval"]
+    if "eval" in results:  # SAC's final policies and the actor-critic's join the Phase 1 table
+        results["eval"].update(results.get("rl", {}).get("eval", {}))
+        results["eval"].update({"imagine": results["imagine"]["eval"]} if "imagine" in results else {})
     return results
-
-
-def encoder_note(enc):
-    if enc == "tiny":
-        return " (`tiny` is a random-weight VJEPA2 model: it tests the plumbing and is NOT V-JEPA 2)"
-    return " (`state` is the privileged-state oracle, not pixels)" if enc == "state" else ""
 
 
 def recipe_notes(cfg):
@@ -461,48 +415,25 @@ def recipe_notes(cfg):
     return [note for note, applies in notes.items() if applies]
 
 
-def report_head(results, out):
-    """Title, recipe, the commands that made the run, and the seed's inconsistencies that the recipe reproduces."""
-    enc, cfg = results["encoder"]["id"], results["config"]
-    parts = [f"# vjepa-reacher report: encoder `{enc}`{encoder_note(enc)}", "",
-             f"Recipe `{cfg.get('recipe', 'ours')}`. Made by these commands, in order:", ""]
-    parts += [f"    {c}" for c in cfg.get("commands", [])]
-    parts += ["", f"Rebuild with `python vjepa_reacher.py report --out {out}`.", ""]
-    notes = recipe_notes(cfg)
-    if notes:
-        parts += ["The seed's inconsistencies, reproduced on purpose by `--recipe seed`:", ""]
-        parts += [f"- {n}" for n in notes] + [""]
-    return parts
-
-
-def report_phase1(results, plots):
-    """Phase 1 and SAC: live evaluation, BC, RL."""
+def report_sections(results, plots):
+    """report.md's section for each stage that has run: Phase 1, BC, SAC, Phase 5, dynamics, latent MPC, the probe."""
     enc, cfg, parts = results["encoder"]["id"], results["config"], []
     if "eval" in results:
         parts += ["## " + phase1_table(results, results.get("eval_steps", cfg["steps"])), "",
                   "success: reward 1 at the last step. seed_success: return > 150 per 200 steps (the seed's own "
                   "definition, scaled to the episode length). The seed's expert was the `p` controller; its random "
                   "figure was '~2% / ~0'.", ""]
-    if "bc" in results:
-        parts += [bc_line(results), ""]
-    if "rl" in results:
-        parts += [rl_section(results), ""]
-    if "imagine" in results:
-        parts += [imagine_section(results), ""]
+    for key, section in (("bc", bc_line), ("rl", rl_section), ("imagine", imagine_section)):
+        if key in results:
+            parts += [section(results), ""]
     if "success.png" in plots:
         parts += [f"![success rates, encoder {enc}](success.png)", ""]
-    return parts
-
-
-def report_phase4(results):
-    """Dynamics models, latent MPC and the probe."""
-    enc, cfg, parts = results["encoder"]["id"], results["config"], []
     if "dynamics" in results:
         parts += [f"## Phase 3/4c/4d: dynamics models (encoder `{enc}`)", "", dynamics_table(results), "",
                   "Errors are L2 on validation episodes in one space for every model: latents standardised with the "
-                  "training episodes' statistics. A model below the copy "
-                  "baseline predicts motion; one at it has learned nothing. Seed: mlp ~1.2M params, val ~0.01; "
-                  "resblock 10.5M, val 0.0137.", "", f"![dynamics, encoder {enc}](dynamics.png)", ""]
+                  "training episodes' statistics. A model below the copy baseline predicts motion; one at it has "
+                  "learned nothing. Seed: mlp ~1.2M params, val ~0.01; resblock 10.5M, val 0.0137.", "",
+                  f"![dynamics, encoder {enc}](dynamics.png)", ""]
     if results.get("plan"):
         parts += ["## " + plan_table(results, results.get("plan_steps", cfg["plan_steps"])), "",
                   "Distances are the simulator's finger-to-target metres (mean ± 95% over episodes); success needs "
@@ -516,13 +447,24 @@ def report_phase4(results):
 
 
 def write_report(out):
-    """Rebuild results.json, the plots and report.md from the run folder; nothing is re-run."""
+    """Rebuild results.json, the plots, rl_curve.csv and report.md from the run folder; nothing is re-run.
+    report.md: title, recipe, the commands that made the run and the seed's inconsistencies the recipe reproduces,
+    then the phases' tables, the rollout GIFs and the wall time per stage."""
     results = collect_results(out)
     plots = make_plots(out, results)
     write_curves(out, results)
-    parts = report_head(results, out) + report_phase1(results, plots) + report_phase4(results)
-    gifs = sorted(os.path.basename(g) for g in glob.glob(os.path.join(out, "*.gif")))
-    if gifs:
+    enc, cfg = results["encoder"]["id"], results["config"]
+    note = {"tiny": " (`tiny` is a random-weight VJEPA2 model: it tests the plumbing and is NOT V-JEPA 2)",
+            "state": " (`state` is the privileged-state oracle, not pixels)"}.get(enc, "")
+    parts = [f"# vjepa-reacher report: encoder `{enc}`{note}", "",
+             f"Recipe `{cfg.get('recipe', 'ours')}`. Made by these commands, in order:", "",
+             *(f"    {c}" for c in cfg.get("commands", [])), "",
+             f"Rebuild with `python vjepa_reacher.py report --out {out}`.", ""]
+    if notes := recipe_notes(cfg):
+        parts += ["The seed's inconsistencies, reproduced on purpose by `--recipe seed`:", ""]
+        parts += [f"- {n}" for n in notes] + [""]
+    parts += report_sections(results, plots)
+    if gifs := sorted(os.path.basename(g) for g in glob.glob(os.path.join(out, "*.gif"))):
         parts += ["## Rollouts", ""] + [f"![{g}]({g})" for g in gifs] + [""]
     if results["timing"]:
         parts += ["## Cost: wall time per stage on this machine", "",
@@ -536,9 +478,7 @@ def write_report(out):
 def headline(results):
     """Every headline number of one run: {name: (success, n, return)} and probe R^2 values."""
     numbers = {k: {"success": v["success"], "n": v["n"], "return": v["return"]} for k, v in evaluated(results).items()}
-    for target, r2_value in results.get("probe", {}).get("encoder", {}).items():
-        numbers[f"probe R^2 {target}"] = {"value": r2_value}
-    return numbers
+    return numbers | {f"probe R^2 {k}": {"value": v} for k, v in results.get("probe", {}).get("encoder", {}).items()}
 
 
 def seed_entry(name, values):
@@ -578,8 +518,7 @@ def aggregate_seeds(out, seeds):
     """OUT/seeds.json and seeds.md from OUT/seed_S/results.json: per seed (its Wilson interval over its episodes)
     and the mean ± 95% t-interval across seeds. Evaluation episodes are shared, so seeds are paired and no
     episode is counted twice; the experts, the same for every seed, are one evaluation."""
-    per_seed = {s: headline(load_json(os.path.join(out, f"seed_{s}", "results.json"), made_by="report"))
-                for s in seeds}
+    per_seed = {s: headline(load_json(os.path.join(out, f"seed_{s}", "results.json"), made_by="report")) for s in seeds}
     names = [k for k in per_seed[seeds[0]] if all(k in per_seed[s] for s in seeds)]
     table = {name: seed_entry(name, [per_seed[s][name] for s in seeds]) for name in names}
     save_json(os.path.join(out, "seeds.json"), {"seeds": seeds, "headline": table, "per_seed": per_seed})
