@@ -8,6 +8,7 @@ It imports nothing from vjepa_reacher.py (which imports it), so it can be copied
 """
 import contextlib
 import glob
+import hashlib
 import json
 import math
 import os
@@ -56,6 +57,22 @@ def save_json(path, obj):
 def write_text(path, text):
     with atomic_path(path) as tmp, open(tmp, "w") as f:
         f.write(text)
+
+
+def file_digest(path):
+    """The first 16 hex digits of a file's SHA-256 (None if it is missing): a plan names the model it was made with."""
+    if os.path.exists(path):
+        with open(path, "rb") as f:
+            return hashlib.sha256(f.read()).hexdigest()[:16]
+
+
+def record_run(out, config, stage, seconds):
+    """OUT/config.json keeps the latest options (`config`) and each command that wrote something, once; timing.json
+    the seconds of each stage that ran."""
+    path, timing_path = os.path.join(out, "config.json"), os.path.join(out, "timing.json")
+    commands = load_json(path)["commands"] if os.path.exists(path) else []
+    save_json(path, dict(config, commands=commands + [config["command"]] * (commands[-1:] != [config["command"]])))
+    save_json(timing_path, dict(load_json(timing_path) if os.path.exists(timing_path) else {}, **{stage: seconds}))
 
 
 def load_json(path, made_by=None):
@@ -463,7 +480,10 @@ def write_report(out):
     if notes := recipe_notes(cfg):
         parts += ["The seed's inconsistencies, reproduced on purpose by `--recipe seed`:", ""]
         parts += [f"- {n}" for n in notes] + [""]
-    parts += report_sections(results, plots)
+    try:
+        parts += report_sections(results, plots)
+    except KeyError as e:  # a file written by an older version of this code: its report.md stays as it was made
+        raise UserError(f"{out}: a results file lacks {e} (an older format); re-run the stage that wrote it")
     if gifs := sorted(os.path.basename(g) for g in glob.glob(os.path.join(out, "*.gif"))):
         parts += ["## Rollouts", ""] + [f"![{g}]({g})" for g in gifs] + [""]
     if results["timing"]:

@@ -11,8 +11,7 @@ It imports nothing from vjepa_reacher.py; copy the file whole into another proje
     greedy_actions = agent.greedy(z, obs)                  # deterministic tanh(mean), for evaluation
     curve = train(agent, play, seeds, 8, evaluate, 10_000)  # or the whole loop: play(seeds) -> episodes
 
-References: Haarnoja et al. 2018 (SAC, and its automatic temperature), CleanRL (Huang et al. 2022),
-RLPD (Ball et al. 2023) for the symmetric demo sampling.
+References: Haarnoja et al. 2018 (SAC, and its automatic temperature), CleanRL (Huang et al. 2022).
 """
 import math
 import time
@@ -102,10 +101,6 @@ class ReplayBuffer:
         idx = rng.integers(0, self.size, n)
         return {k: torch.from_numpy(getattr(self, k)[idx]) for k in ("z", "a", "r", "z_next", "done")}
 
-    def sample_mixed(self, n, demos, rng):
-        """Half of the batch from this buffer, half from the demos (RLPD's symmetric sampling)."""
-        own, demo = self.sample(n - n // 2, rng), demos.sample(n // 2, rng)
-        return {k: torch.cat([own[k], demo[k]]) for k in own}
 
 
 def sac_update(nets, optims, batch, gamma=0.99, tau=0.005, target_entropy=None, generator=None):
@@ -160,9 +155,9 @@ class SACAgent:
     policy tanh(mean) for evaluation: it neither counts steps nor learns.
     """
 
-    def __init__(self, dim, mean, std, action_repeat=2, demos=None, hidden=256, batch_size=256,
-                 learning_starts=5_000, updates_per_step=1.0, actor_lr=3e-4, critic_lr=1e-3, gamma=0.99, tau=0.005,
-                 capacity=100_000, seed=0, device="cpu", action_dim=2):  # 2: reacher's two joint torques
+    def __init__(self, dim, mean, std, action_repeat=2, hidden=256, batch_size=256, learning_starts=5_000,
+                 updates_per_step=1.0, actor_lr=3e-4, critic_lr=1e-3, gamma=0.99, tau=0.005, capacity=100_000, seed=0,
+                 device="cpu", action_dim=2):  # 2: reacher's two joint torques
         # CleanRL's defaults: hidden 256, batch 256, actor lr 3e-4, critic and alpha lr 1e-3, tau 0.005, gamma 0.99,
         # one update per transition (per decision; DrQ's too), learning_starts 5,000 (25 random episodes of 200 steps).
         # capacity in transitions, not CleanRL's 1M: at D=1024 each costs 8 kB (z and z_next); size it to the whole run.
@@ -181,7 +176,7 @@ class SACAgent:
                        "critic": torch.optim.Adam(critic.parameters(), lr=critic_lr),
                        "alpha": torch.optim.Adam([log_alpha], lr=critic_lr)}
         self.target_entropy = -float(action_dim)  # SAC's heuristic
-        self.buffer, self.demos = ReplayBuffer(dim, capacity, action_dim), demos
+        self.buffer = ReplayBuffer(dim, capacity, action_dim)
         self.rng, self.generator = np.random.default_rng(seed), torch.Generator(device).manual_seed(seed)
         self.env_steps, self.updates, self.owed, self.info, self.returns = 0, 0, 0.0, {}, []
 
@@ -216,27 +211,10 @@ class SACAgent:
         self.returns.append(float(ep["rewards"].sum()))
 
     def update(self):
-        n, rng = self.batch_size, self.rng
-        batch = self.buffer.sample(n, rng) if self.demos is None else self.buffer.sample_mixed(n, self.demos, rng)
-        batch = {k: v.to(self.device) for k, v in batch.items()}
+        batch = {k: v.to(self.device) for k, v in self.buffer.sample(self.batch_size, self.rng).items()}
         batch["z"], batch["z_next"] = self.standardize(batch["z"]), self.standardize(batch["z_next"])
         self.info = sac_update(self.nets, self.optims, batch, self.gamma, self.tau, self.target_entropy, self.generator)
         self.updates += 1
-
-
-def demo_buffer(episodes, dim, action_repeat=1, action_dim=2):
-    """A ReplayBuffer of demo episodes (dicts with z (T+1, D), actions, rewards) for RLPD-style mixing.
-
-    Demos recorded at action_repeat 1 are regrouped into decisions of `action_repeat` steps: every k-th z,
-    the first action of each block, the block's summed reward (an approximation: the expert's action changes
-    within a block)."""
-    k = action_repeat
-    buffer = ReplayBuffer(dim, sum(len(ep["actions"]) // k for ep in episodes), action_dim)
-    for ep in episodes:
-        T = len(ep["actions"]) // k
-        rewards = np.asarray(ep["rewards"][:T * k], np.float32).reshape(T, k).sum(1)
-        buffer.add_episode(np.asarray(ep["z"][:T * k + 1:k], np.float32), ep["actions"][:T * k:k], rewards)
-    return buffer
 
 
 def train(agent, play, seeds, chunk, evaluate, eval_every):

@@ -1411,14 +1411,13 @@ def test_sac_takes_any_action_size():
     rng = np.random.default_rng(0)
     ep = {"z": rng.normal(size=(9, 4)).astype(np.float32), "actions": rng.uniform(-1, 1, (8, 3)).astype(np.float32),
           "rewards": np.ones(8, np.float32)}
-    demos = sac.demo_buffer([ep], 4, action_repeat=2, action_dim=3)
-    agent = sac.SACAgent(4, np.zeros(4), np.ones(4), action_repeat=1, demos=demos, hidden=16, batch_size=8,
-                         learning_starts=4, action_dim=3)
+    agent = sac.SACAgent(4, np.zeros(4), np.ones(4), action_repeat=1, hidden=16, batch_size=8, learning_starts=4,
+                         action_dim=3)
     z = np.zeros((4, 4), np.float32)
     assert agent(z, {}).shape == (4, 3) and agent.updates == 0  # the uniform warm-up
     agent.add_episode(ep)
-    assert agent(z, {}).shape == (4, 3) and agent.updates == 4  # the actor, and updates on mixed batches
-    assert agent.greedy(z, {}).shape == (4, 3) and demos.a.shape == (4, 3) and agent.target_entropy == -3
+    assert agent(z, {}).shape == (4, 3) and agent.updates == 4  # the actor, and updates on its own batches
+    assert agent.greedy(z, {}).shape == (4, 3) and agent.buffer.a.shape[1] == 3 and agent.target_entropy == -3
     log_alpha = torch.zeros((), requires_grad=True)  # plain SGD, lr 1: log alpha moves by exactly entropy gap
     optims = {"actor": torch.optim.SGD(agent.nets["actor"].parameters(), lr=0.0),
               "critic": torch.optim.SGD(agent.nets["critic"].parameters(), lr=0.0),
@@ -1561,24 +1560,6 @@ def test_replay_buffer_transitions():
     assert b["z"][:, 0].min() >= 5  # rows 0-4 of the first episode are gone
     buffer.add_episode(*ramp_episode(4, 3, 300), terminal=True)
     assert buffer.done[(buffer.pos - 1) % 25] == 1 and buffer.done[(buffer.pos - 2) % 25] == 0
-
-
-def test_replay_buffer_demo_mix():
-    own, demos = sac.ReplayBuffer(2, 100), sac.ReplayBuffer(2, 100)
-    own.add_episode(*ramp_episode(20, 2, 0))
-    demos.add_episode(*ramp_episode(20, 2, 500))
-    b = own.sample_mixed(64, demos, np.random.default_rng(0))
-    from_demos = b["z"][:, 0] >= 500
-    assert len(b["z"]) == 64 and from_demos.sum() == 32
-    assert torch.equal(b["z_next"], b["z"] + 1)
-
-
-def test_demo_buffer_regroups_action_repeat():
-    z, actions, rewards = ramp_episode(10, 2, 0)
-    buffer = sac.demo_buffer([{"z": z, "actions": actions, "rewards": rewards}], 2, action_repeat=2)
-    assert len(buffer) == 5
-    assert np.array_equal(buffer.z[:, 0], [0, 2, 4, 6, 8]) and np.array_equal(buffer.z_next[:, 0], [2, 4, 6, 8, 10])
-    assert np.array_equal(buffer.r, [1, 5, 9, 13, 17])  # rewards summed over each block
 
 
 def test_agent_counts_steps_and_learns_while_acting(one_thread):
@@ -1793,6 +1774,19 @@ def test_corrupted_files_are_named(state_run, tmp_path):
     assert_one_line_error(code, err, "plan.json is corrupted")
 
 
+def test_report_on_a_folder_of_an_older_format_is_one_line_and_keeps_its_report(tmp_path):
+    out = str(tmp_path / "old")
+    shutil.copytree(os.path.join(os.path.dirname(__file__), "results", "state", "seed_0"), out)
+    plan = json.load(open(os.path.join(out, "plan.json")))
+    for entry in plan["plan"].values():
+        entry.pop("initial_distance", None)  # a field older runs did not write
+    json.dump(plan, open(os.path.join(out, "plan.json"), "w"))
+    before = {f: open(os.path.join(out, f), "rb").read() for f in ("report.md", "results.json")}
+    code, _, err = cli("report", "--out", out)
+    assert_one_line_error(code, err, "lacks 'initial_distance' (an older format)")
+    assert before == {f: open(os.path.join(out, f), "rb").read() for f in before}
+
+
 def test_skipped_stage_with_another_encoder_leaves_the_report_alone(state_run):
     out = state_run[0]
     before = {f: open(os.path.join(out, f), "rb").read() for f in ("config.json", "report.md", "results.json")}
@@ -1812,17 +1806,20 @@ def test_a_skipped_command_is_not_listed_and_rewrites_nothing(state_run):
     assert "Made by these commands" in open(os.path.join(out, "report.md")).read()
 
 
-def test_retraining_one_dynamics_model_keeps_the_others_and_clears_its_plans(light_runs, tmp_path):
+def test_retraining_one_dynamics_model_keeps_the_others_and_plan_redoes_its_pairs(light_runs, tmp_path):
     out = str(tmp_path / "run")
     shutil.copytree(light_runs["again"], out)
+    plan_json = open(os.path.join(out, "plan.json"), "rb").read()
     stdout, _ = ok("dynamics", "--encoder", "state", "--out", out, "--force", "--dynamics", "mlp", *TINY)
-    assert "cleared plan results random/mlp, cem/mlp" in stdout
-    r = results(out)
-    assert set(r["dynamics"]) == {"mlp", "mlp_rollout5"}  # the other model's entry stays with its .pt file
-    assert set(r["plan"]) == {"cem/mlp_rollout5"}
-    stdout, _ = ok("plan", "--encoder", "state", "--out", out, *TINY, *LIGHT)  # only the cleared pairs again
-    assert "plan cem/mlp_rollout5" not in stdout and "plan cem/mlp:" in stdout
-    assert set(results(out)["plan"]) == {"random/mlp", "cem/mlp", "cem/mlp_rollout5"}
+    assert "plan results random/mlp, cem/mlp were made with the old mlp; re-run `plan`" in stdout
+    assert set(results(out)["dynamics"]) == {"mlp", "mlp_rollout5"}  # the other model's entry stays with its .pt file
+    assert open(os.path.join(out, "plan.json"), "rb").read() == plan_json  # dynamics writes only its own files
+    stdout, _ = ok("plan", "--encoder", "state", "--out", out, *TINY, *LIGHT)  # only the pairs of the new mlp
+    assert "plan cem/mlp_rollout5" not in stdout and "plan cem/mlp:" in stdout and "plan random/mlp:" in stdout
+    plans = results(out)["plan"]
+    assert set(plans) == {"random/mlp", "cem/mlp", "cem/mlp_rollout5"}
+    digest = {c: report.file_digest(os.path.join(out, f"dynamics_{c.split('/')[1]}.pt")) for c in plans}
+    assert {c: plans[c]["model"] for c in plans} == digest  # each pair names the model it was made with
 
 
 # ---------------------------------------------------------------------------------------------

@@ -7,28 +7,19 @@ What this reproduces (the published findings in shared/seed, "V-JEPA 2 -> Robot 
   Phase 2   epsilon-greedy exploration data (epsilon 0.3, the seed's P-controller).
   Phase 3   residual dynamics MLPs f(z, a) -> z' (1-step, 5-step rollout loss, 10.5M ResBlock).
   Phase 4   latent MPC toward an expert-generated goal embedding: random shooting and CEM.
+  Phase 5   the seed's next step: an actor-critic learned in imagination through that dynamics (imagine.py).
 `--recipe seed` reruns the seed's code knob for knob (KNOBS below). Further: a correct Jacobian expert, a
 privileged-state oracle (`--encoder state`), intervals over episodes and training seeds (`--seeds`), SAC on the
 frozen embeddings (sac.py) and a linear probe. report.py writes tables, plots and GIFs; bench.py measures speed.
 References: V-JEPA 2 (Assran et al. 2025), dm_control (Tassa et al. 2018), CEM as in TD-MPC2 and vjepa2's
 mpc_utils.py, SAC as in CleanRL.
 
-Copy and paste:
+Copy and paste (`--help` lists every stage, option and knob):
   python vjepa_reacher.py all                                   # everything, V-JEPA 2 ViT-L (GPU advised)
   python vjepa_reacher.py all --quick --encoder tiny            # offline smoke run, minutes on CPU
-  python vjepa_reacher.py all --encoder state                   # privileged-state oracle: checks the machinery
-  python vjepa_reacher.py all --recipe seed                     # the seed's own code recipe, knob for knob
-  python vjepa_reacher.py all --set cost=weighted               # one knob changed (--help lists them all)
-  python vjepa_reacher.py all --seeds 0 1 2                     # once per training seed, then mean +- 95%
-  python vjepa_reacher.py collect --episodes 500                # Phase 1 expert demos -> runs/default/data/
-  python vjepa_reacher.py bc                                    # behaviour cloning on those demos
-  python vjepa_reacher.py eval --eval-episodes 100              # live evaluation: BC, experts, random
-  python vjepa_reacher.py rl --rl-steps 100000                  # SAC on the frozen embeddings
-  python vjepa_reacher.py explore                               # Phase 2 exploration data (p, epsilon 0.3)
-  python vjepa_reacher.py dynamics                              # Phase 3/4c/4d dynamics models
-  python vjepa_reacher.py plan --plan-episodes 20               # Phase 4/4b: random shooting and CEM
-  python vjepa_reacher.py probe                                 # what the embedding knows (ridge probe)
-  python vjepa_reacher.py report                                # rebuild report.md and plots, no re-running
+  python vjepa_reacher.py all --encoder state --seeds 0 1 2     # the privileged-state oracle, mean +- 95% over seeds
+  python vjepa_reacher.py all --recipe seed --set cost=final    # the seed's own recipe, knob for knob, one changed
+  python vjepa_reacher.py plan --plan-episodes 20               # one stage: each reads and writes runs/default/
   python vjepa_reacher.py collect --shard 0/4  (... 3/4), then `merge`   # parallel collection
 """
 import argparse
@@ -42,6 +33,7 @@ import math
 import os
 import re
 import shlex
+import shutil
 import sys
 import time
 from functools import cached_property, partial
@@ -92,7 +84,7 @@ KNOBS = {
     "schedule_step": Knob("epoch", "all its training scripts", "batch", "cosine decay stepped per batch: smoother"),
     "bc_batch_size": Knob(512, "train_bc.py ~50", 256, "more updates per epoch on small datasets"),
     "bc_split": Knob("transition", "train_bc.py ~69-73", "episode", "neighbouring frames leak across transitions"),
-    "bc_keep": Knob("final", "train_bc.py ~117-126", "final", "val MSE misleads (results/bc-seeds)", ("best",)),
+    "bc_keep": Knob("final", "train_bc.py ~117-126", "final", "best val MSE: 98 vs 99.5%, 10 seeds", ("best",)),
     "bc_norm": Knob("all", "train_bc.py ~64-67", "train", "z-score inputs without validation statistics"),
     "dyn_lr": Knob(3e-4, "train_dynamics.py ~68-83", 1e-3, "fewer epochs reach the same loss"),
     "dyn_grad_clip": Knob(1.0, "train_dynamics.py ~108", 0.0, "gradient-norm clip; 0 = none"),
@@ -126,13 +118,10 @@ KNOBS = {
                            ("half", "auto")),
     "encoder_forward": Knob("full", "gen ~89-106", "encoder", "the predictor adds compute, not embedding"),
     "plan_dtype": Knob("fp32", "mpc_planner.py", "fp32", "planning rollouts (bf16: fp16 on CUDA)", ("bf16",)),
-    "train_dtype": Knob("fp32", "train_dynamics.py", "fp32", "bf16: autocast (timed: results/state-seed)",
-                        ("bf16",)),
-    "plan_graph": Knob("off", "mpc_planner.py", "off", "CEM's iterations as one CUDA graph (opt-in: never yet run on "
-                       "a GPU)", ("on",)),
-    "compile": Knob("off", "gen", "off", "torch.compile the encoder (opt-in: never yet run on a GPU)", ("on",)),
-    "rope_grid": Knob("checkpoint", "transformers' VJEPA2", "input", "token positions: the input's own grid, or the "
-                      "checkpoint's 16 x 16 (wrong at 224 px)"),
+    "train_dtype": Knob("fp32", "train_dynamics.py", "fp32", "bf16: autocast (timed: results/state-seed)", ("bf16",)),
+    "plan_graph": Knob("off", "mpc_planner.py", "off", "CEM's iterations as one CUDA graph (GPU opt-in)", ("on",)),
+    "compile": Knob("off", "gen", "off", "torch.compile the encoder (GPU opt-in)", ("on",)),
+    "rope_grid": Knob("checkpoint", "transformers' VJEPA2", "input", "token grid: input's, or 16x16 (wrong at 224)"),
 }
 RECIPES = {"seed": {k: v.seed for k, v in KNOBS.items()}, "ours": {k: v.ours for k, v in KNOBS.items()}}
 # --quick: smoke-sized runs on 2 CPU cores; it fills what you did not type, before the recipe. Planner sizes
@@ -199,11 +188,10 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescript
 
 
 def build_parser():
-    knobs = [f"  {k:<17} seed: {v.seed!s:<11} ours: {v.ours!s:<11} {v.why} "
-             f"[seed: {v.source}]" for k, v in KNOBS.items()]  # every knob with both values, in --help
+    knobs = "\n".join(f"  {k:<17} seed: {v.seed!s:<11} ours: {v.ours!s:<11} {v.why} [seed: {v.source}]"
+                      for k, v in KNOBS.items())  # every knob with both values, in --help
     p = argparse.ArgumentParser(prog="vjepa_reacher.py", description=__doc__.split("\n\n")[0], formatter_class=
-                                HelpFormatter, epilog="knobs (--set name=value; --recipe picks a column):\n" +
-                                "\n".join(knobs))
+                                HelpFormatter, epilog="knobs (--set name=value; --recipe picks a column):\n" + knobs)
     a = p.add_argument
     a("stage", choices=list(ALL) + ["all", "merge"], help="what to run; `all` runs " + " -> ".join(ALL))
     a("--out", default="runs/default", help="run folder; stages talk only through files in it")
@@ -212,8 +200,7 @@ def build_parser():
     a("--set", type=knob_setting, action="append", default=[], metavar="KNOB=VALUE", help="override a knob (repeat)")
     a("--quick", action="store_true", help="smoke-sized preset, minutes on 2 CPU cores: " +
       ", ".join(f"{k}={v}" for k, v in QUICK.items()))
-    a("--seed", type=seed_int, default=0, help="training seed: torch and the training episodes; about 1 seed in 700 "
-      "is refused, as its collect, explore and rl episodes would overlap (152 is the first)")
+    a("--seed", type=seed_int, default=0, help="training seed: torch, training episodes (152 and ~1 in 700 refused)")
     a("--seeds", type=seed_int, nargs="+", help="once per training seed in OUT/seed_S, then OUT/seeds.md across them")
     a("--device", default="auto", help="torch device for encoder, training and planning; auto = cuda if available")
     a("--force", action="store_true", help="re-run stages whose outputs exist (otherwise they are skipped)")
@@ -237,15 +224,11 @@ def build_parser():
     a("--probe-episodes", type=positive_int, default=20, help="episodes rendered for the probe")
     a("--rl-steps", type=positive_int, default=100_000, help="SAC environment steps (= the seed's 500 demos x 200)")
     a("--rl-envs", type=positive_int, default=8, help="SAC: environments stepped in lockstep (at most --batch-size)")
-    a("--rl-demos", action="store_true", help="SAC: also a variant with half of each batch from the demos (RLPD)")
-    a("--rl-eval-every", type=positive_int, default=10_000, help="SAC and imagine: environment steps between "
-      "learning-curve points, each on a tenth of --eval-episodes")
-    a("--imagine-steps", type=positive_int, default=60_000, help="imagine: real env steps after the Phase 2 data "
-      "(200 exploration episodes + 60k = SAC's 100k)")
+    a("--rl-eval-every", type=positive_int, default=10_000, help="SAC, imagine: env steps a learning-curve point")
+    a("--imagine-steps", type=positive_int, default=60_000, help="imagine: env steps after Phase 2's 40k (SAC: 100k)")
     a("--imagine-updates", type=positive_int, default=5_000, help="imagine: updates on the Phase 2 data before acting")
-    a("--long-episodes", type=checked(int, lambda v: v >= 0, "an integer >= 0"), default=50, help="episodes of "
-      "reacher-easy's own 1,000 steps per policy, for the return DMC papers report (CEM: at most --plan-episodes); 0 "
-      "skips, as --quick does")
+    a("--long-episodes", type=checked(int, lambda v: v >= 0, "an integer >= 0"), default=50, help="1,000-step "
+      "episodes a policy, for the return DMC papers report (CEM: at most --plan-episodes); 0 skips")
     return p
 
 
@@ -259,12 +242,8 @@ def given_options(argv):
 
 def resolve_knobs(args, typed):
     """Each knob: --set if given, else --quick's size if any, else the recipe's column; then each SameAs."""
-    for k in KNOBS:
-        setattr(args, k, RECIPES[args.recipe][k])
-    for k, v in QUICK.items():
-        if args.quick and k not in typed:
-            setattr(args, k, v)
-    for k, v in args.set:
+    quick = {k: v for k, v in QUICK.items() if args.quick and k not in typed}
+    for k, v in [*RECIPES[args.recipe].items(), *quick.items(), *args.set]:
         setattr(args, k, v)
     if "expert" in typed and "demo_expert" not in typed:  # a typed --expert beats the recipe's demo expert
         args.demo_expert = args.expert
@@ -325,8 +304,7 @@ def make_env(seed=0):
 
 
 def reset_env(env, seed):
-    """Reuse one env (and its GL context) for many episodes: reseed the task, then reset. This gives exactly
-    the state of a fresh suite.load with that seed (checked against the seed's code)."""
+    """Reuse one env (and its GL context): reseed the task, then reset, exactly as a fresh suite.load(seed) starts."""
     env.task._random = np.random.RandomState(seed)
     return env.reset()
 
@@ -360,11 +338,9 @@ class Renderer:
         self.flags = LEAN_RENDER if lean else None
 
     def __call__(self, physics):
-        shared = self.physics
-        shared.model.geom_pos[:] = physics.model.geom_pos
-        shared.model.geom_size[:] = physics.model.geom_size
-        shared.data.qpos[:] = physics.data.qpos
-        shared.data.qvel[:] = physics.data.qvel
+        shared = self.physics  # the target's place and size, and the arm's joints
+        shared.model.geom_pos[:], shared.model.geom_size[:] = physics.model.geom_pos, physics.model.geom_size
+        shared.data.qpos[:], shared.data.qvel[:] = physics.data.qpos, physics.data.qvel
         shared.forward()
         # The Camera reuses one pixel buffer: copy, or every frame kept in a window would be the latest one.
         return self.camera.render(render_flag_overrides=self.flags).copy()
@@ -486,8 +462,7 @@ class Encoder:
     def normalize(self):
         """ImageNet's mean and std, as V-JEPA 2 was pretrained: (x / 255 - mean) / std = x * scale - shift on uint8
         pixels, built once per encoder on its device, in the dtype its input runs in (fp32 unless low precision)."""
-        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "half": torch.float16}.get(self.precision,
-                                                                                           torch.float32)
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.half, "half": torch.half}.get(self.precision, torch.float32)
         mean, std = torch.tensor((0.485, 0.456, 0.406)), torch.tensor((0.229, 0.224, 0.225))
         return (1 / (255 * std)).to(self.device, dtype), (mean / std).to(self.device, dtype)
 
@@ -552,8 +527,7 @@ def load_pretrained(name_or_path):
 
 
 def load_encoder(name_or_path, device="cpu", precision="auto", seed=0, **feed):
-    """A frozen encoder: 'state', 'tiny' (random weights from `seed`), a V-JEPA 2 hub id or a local
-    save_pretrained folder. feed: frame_size, forward, form, batch_size, positions (see Encoder)."""
+    """A frozen encoder: 'state', 'tiny' (random from `seed`), a V-JEPA 2 hub id or folder; feed: Encoder's fields."""
     if name_or_path == "state":
         return Encoder("state", len(STATE_NAMES), device=device, **feed)
     model = random_vjepa2(tiny_config(), seed) if name_or_path == "tiny" else load_pretrained(name_or_path)
@@ -563,8 +537,7 @@ def load_encoder(name_or_path, device="cpu", precision="auto", seed=0, **feed):
 
 
 def preprocess(windows, scale, shift):
-    """uint8 (B, 8, H, W, 3) -> (B, 8, 3, H, W) in scale's dtype: x * scale - shift, two in-place passes on the
-    channels-last layout, then a permuted view."""
+    """uint8 (B, 8, H, W, 3) -> (B, 8, 3, H, W) in scale's dtype: x * scale - shift in place, then a permuted view."""
     return windows.to(scale.dtype).mul_(scale).sub_(shift).permute(0, 1, 4, 2, 3)
 
 
@@ -630,31 +603,24 @@ def run_chunk(seeds, policy, encoder, envs, T, keep_z, keep_frames):
 
 
 def run_episodes(seeds, policy, encoder, envs, steps, keep_z=False, keep_frames=False, desc=None):
-    """Roll out `policy` on episodes `seeds`, envs.n at a time in lockstep; the windows of all of them encode
-    as one batch. Yields one dict per episode as its batch ends.
-
-    policy(z, obs) -> actions (B, 2); z is (B, D) when keep_z, else None; obs has state, seed, step (0 at an
-    episode's start) and, with an expert, its actions.
-    Each action is held for envs.action_repeat control steps; `steps` counts control steps.
-    An episode: actions (T, 2), rewards (T,), states (T+1, S), distances (T+1,) finger to target, final_distance,
-    z (T+1, D) if keep_z, frames (T+1, H, W, 3) if keep_frames (and envs render), else None; T = steps // repeat.
-    """
+    """Roll out `policy` (z is None unless keep_z) on episodes `seeds`, envs.n at a time in lockstep, each action
+    held envs.action_repeat of the `steps` control steps. Yields one dict per episode as its batch ends: actions
+    (T, 2), rewards (T,), states (T+1, S), distances (T+1,) finger to target, final_distance, z (T+1, D) if keep_z,
+    frames (T+1, H, W, 3) if keep_frames (and envs render), else None; T = steps // repeat."""
     t0, log = time.time(), desc and not sys.stderr.isatty()  # a log file gets plain lines, not tqdm's '\r' bars
     for start in tqdm(range(0, len(seeds), envs.n), desc, disable=not desc or log, leave=False):
         chunk = [int(s) for s in seeds[start:start + envs.n]]
         yield from run_chunk(chunk, policy, encoder, envs, steps // envs.action_repeat, keep_z, keep_frames)
         if log:  # the time left, from the rate so far: long encodes say early what they will cost
-            finished, spent = start + len(chunk), time.time() - t0
-            left = spent * (len(seeds) / finished - 1)
-            print(f"{desc}: {finished}/{len(seeds)} episodes | {spent:.0f} s | ~{left:.0f} s left", file=sys.stderr,
-                  flush=True)
+            n, spent = start + len(chunk), time.time() - t0
+            print(f"{desc}: {n}/{len(seeds)} episodes | {spent:.0f} s | ~{spent * (len(seeds) / n - 1):.0f} s left",
+                  file=sys.stderr, flush=True)
 
 
 def episode_seeds(kind, n, seed, same_as_seed_code=False):
-    """n episode seeds of `kind`. Held-out kinds (HELD_OUT) start at fixed seeds below 2**24, the same for every
-    --seed. Training kinds (TRAINING) start at 2**24 plus a 32-bit hash of (--seed, stage) modulo the room left, or
-    at 0 for demos and exploration alike with same_as_seed_code (the seed's code reused its demo seeds). A --seed
-    whose three training ranges would overlap (about 1 in 700; 152 is the first) is refused."""
+    """n episode seeds of `kind`: held-out kinds (HELD_OUT) at fixed seeds below 2**24, the same for every --seed;
+    training kinds (TRAINING) at 2**24 + a hash of (--seed, stage), or at 0 for demos and exploration alike with
+    same_as_seed_code (the seed's). A --seed whose training ranges would overlap (~1 in 700, 152 first) is refused."""
     if n > MAX_EPISODES:
         raise UserError(f"at most {MAX_EPISODES:,} episodes per range, got {n:,}")
     if kind in HELD_OUT:
@@ -744,8 +710,8 @@ def check_shards(shard_dirs, out_dir):
 
 
 def merge(shard_dirs, out_dir):
-    """Check the shards, then stream them into one dataset of .npy arrays (episodes, T+1, D) that training
-    memory-maps; meta.json is written last, so a dataset without it is never taken as complete."""
+    """Check the shards, then stream them into .npy arrays (episodes, T+1, D) that training memory-maps; meta.json
+    comes last, so a dataset without it is never taken as complete."""
     shard_dirs = sorted(shard_dirs)
     metas, total = check_shards(shard_dirs, out_dir)
     order = sorted(s for m in metas for s in m["seeds"])
@@ -819,8 +785,7 @@ def standardizer(z, episodes, enabled=True):
 
 @contextlib.contextmanager
 def cpu_threads(n):
-    """Run a block on n CPU threads (None: as it is), then put the old count back. Small models train on one: BC on
-    8k samples took 1.4 s an epoch on one thread and 11 s on two beside another busy process (measured here)."""
+    """n CPU threads for a block (None: as is): BC on 8k samples, 1.4 s an epoch on 1, 11 s on 2 beside a busy job."""
     old = torch.get_num_threads()
     torch.set_num_threads(n or old)
     try:
@@ -886,9 +851,8 @@ def bc_net(dim):
 
 
 def train_bc(data, args):
-    """MSE regression of expert actions a_t from z-scored z_t with the bc_* knobs. bc_keep 'final': held-out MSE is
-    dominated by the expert's near-target corrections and does not track closed-loop success (results/bc-seeds).
-    Returns the model (on the CPU), its info and the input standardisation (mean, std)."""
+    """MSE regression of expert actions a_t from z-scored z_t with the bc_* knobs (bc_keep: final-epoch weights, as
+    the seed's; results/bc-seeds-keep-best). Returns the model (on the CPU), its info and its (mean, std)."""
     torch.manual_seed(args.seed)  # the initial weights: every other draw has its own seeded generator
     z, actions = data["z"], data["actions"]
     E, T = actions.shape[:2]
@@ -1016,9 +980,8 @@ def train_dynamics(name, data, args, epochs):
 
 @torch.no_grad()
 def kstep_error(model, z, actions, episodes, model_space, common, k_max=10):
-    """Open-loop k-step error, k = 1..k_max: mean L2 of predicted vs true z_{t+k} on `episodes`, in the `common`
-    (mean, std) space for every model (a raw-latent model's predictions are standardised into it), and the 'copy'
-    baseline ||z_t - z_{t+k}|| that a model which learned nothing matches. model_space: the model's (mean, std)."""
+    """Open-loop k-step error, k = 1..k_max: mean L2 of predicted vs true z_{t+k} on `episodes` in the `common` (mean,
+    std) space (model_space: the model's), and the copy baseline ||z_t - z_{t+k}|| a model that learned nothing gets."""
     device = next(model.parameters()).device
     mean, std, c_mean, c_std = (torch.from_numpy(x).to(device) for x in (*model_space, *common))
     same = all(np.array_equal(a, b) for a, b in zip(model_space, common))
@@ -1100,10 +1063,9 @@ def latent_cost(model, z, z_goal, cost="final", dtype=torch.float32):
 
 class MPC:
     """Model-predictive control in latent space, a policy(z, obs): each step plan from z toward the episode's goal
-    with `cem` (its `settings`), execute the first action of the elite mean (or of the best sample), replan. Within
-    an episode CEM starts from its last mean shifted one step (the new last step repeated, or 0 with warm_tail
-    'zero'); each episode starts cold. z_goal: {episode seed: (D,) raw z}; standardisation: the model's (mean, std).
-    dtype 'bf16': bf16 autocast, or on CUDA an fp16 copy of the net; graph: each call one CUDA graph; TF32 on."""
+    with `cem` (its `settings`), execute the first action of the elite mean (or of the best sample), replan from the
+    last mean shifted one step (its new last step repeated, or 0 with warm_tail 'zero'); each episode starts cold.
+    z_goal: {episode seed: (D,) raw z}; dtype 'bf16': bf16 autocast (CUDA: an fp16 copy); graph: one CUDA graph."""
 
     def __init__(self, model, z_goal, standardisation, settings, *, cost="final", execute="mean",
                  warm_tail="repeat", dtype="fp32", graph=False, seed=0):
@@ -1112,8 +1074,7 @@ class MPC:
         self.execute, self.warm_tail, self.graph = execute, warm_tail, gpu.Graphed(self.plan) if graph else None
         self.mean, self.std = (torch.from_numpy(x).to(self.device) for x in standardisation)
         self.generator = torch.Generator(device=self.device).manual_seed(seed)
-        half = torch.float16 if self.device.startswith("cuda") else torch.bfloat16
-        self.dtype = half if dtype == "bf16" else torch.float32
+        self.dtype = torch.float32 if dtype == "fp32" else torch.float16 if "cuda" in self.device else torch.bfloat16
         if self.dtype == torch.float16:  # CUDA: an fp16 copy of the net; autocast would re-cast its weights each call
             self.model = copy.deepcopy(model).half()
         self.warm, self.seconds = None, 0.0
@@ -1145,16 +1106,20 @@ class MPC:
                    **self.settings)[:2]
 
 
-def gif_episode(seed, policy, encoder, envs, steps):
-    """One episode with its frames (`envs` render), for a GIF: the `state` encoder renders only here."""
-    return list(run_episodes([seed], policy, encoder, envs, steps, keep_z=policy is not expert_policy,
-                             keep_frames=True))[0]
+def gif_episode(args, seed, policy, encoder, steps, expert=None, size=None):
+    """One episode rendered at `size` (default frame_size), for a GIF: the `state` encoder renders only here."""
+    envs = Envs(1, size or args.frame_size, args.render == "lean", expert)
+    return list(run_episodes([seed], policy, encoder, envs, steps, policy is not expert_policy, keep_frames=True))[0]
 
 
-def long_return(seeds, policy, encoder, envs, keep_z=True):
-    """The policy over reacher-easy's own 1,000-step episode, whose return (the sum of its 0/1 rewards, 1 inside the
-    target) DMC papers report: episode_metrics over MAX_STEPS steps on episodes `seeds`."""
-    return report.episode_metrics(list(run_episodes(seeds, policy, encoder, envs, MAX_STEPS, keep_z)), MAX_STEPS)
+def evaluate(seeds, policy, encoder, envs, steps, long=0, desc=None):
+    """episode_metrics of `policy` on episodes `seeds` of `steps` control steps; for long > 0 also 'standard': the
+    same on the first `long` of them over reacher-easy's own 1,000 steps, whose return (the sum of its 0/1 rewards,
+    1 inside the target) DMC papers report."""
+    metrics = report.episode_metrics(list(run_episodes(seeds, policy, encoder, envs, steps, True, desc=desc)), steps)
+    if long:
+        metrics["standard"] = evaluate(seeds[:long], policy, encoder, envs, MAX_STEPS)
+    return metrics
 
 
 # ---- Stages ------------------------------------------------------------------------------------------------------
@@ -1167,12 +1132,11 @@ def exists_skip(args, path, stage):
     return False
 
 
-def saved_and_todo(args, path, key, wanted, stage, complete=lambda entry: True):
-    """The resume rule of rl, dynamics and plan, which save each part as it ends: the results saved at `path` (kept
-    under --force too, so parts not asked for stay) and the parts of `wanted` to run: those missing from
-    results[key] or not complete(entry), or all of them with --force."""
+def saved_and_todo(args, path, key, wanted, stage, complete=lambda part, entry: True):
+    """The resume rule of dynamics and plan, which save each part as it ends: the results at `path` (kept under
+    --force, so parts not asked for stay) and the parts of `wanted` missing or not complete(part, entry), or all."""
     saved = load_json(path) if os.path.exists(path) else {key: {}}
-    todo = [w for w in wanted if args.force or w not in saved[key] or not complete(saved[key][w])]
+    todo = [w for w in wanted if args.force or w not in saved[key] or not complete(w, saved[key][w])]
     if not todo:
         print(f"{stage}: {path} has {', '.join(wanted)}; --force to redo")
     return saved, todo
@@ -1185,8 +1149,7 @@ def data_dir(args, expert, epsilon):
 def stage_collect(args, encoder, expert=None, epsilon=None):
     """Phase 1 demos (--expert, --epsilon), or with expert and epsilon given, Phase 2 exploration data."""
     expert, epsilon, (i, n) = expert or args.expert, args.epsilon if epsilon is None else epsilon, args.shard
-    folder = data_dir(args, expert, epsilon)
-    kind = "explore" if epsilon > 0 else "collect"
+    folder, kind = data_dir(args, expert, epsilon), "explore" if epsilon > 0 else "collect"
     seeds = episode_seeds(kind, args.episodes, args.seed, args.episode_seeds == "seed")
     shard_dir = os.path.join(args.out, "shards", dataset_name(expert, epsilon), f"shard_{i}of{n}")
     if os.path.exists(os.path.join(folder, "meta.json")) and not args.force:
@@ -1196,8 +1159,7 @@ def stage_collect(args, encoder, expert=None, epsilon=None):
             print(f"collect: {folder} exists ({len(seeds)} episodes); --force to redo")
             return False
     if args.force:
-        for f in glob.glob(os.path.join(shard_dir, "*")):
-            os.remove(f)
+        shutil.rmtree(shard_dir, ignore_errors=True)
     collect_shard(args, encoder, shard_dir, seeds[i::n], expert, epsilon)
     if n == 1:
         merge([shard_dir], folder)
@@ -1218,8 +1180,7 @@ def stage_merge(args, encoder):
 
 
 def load_checked(args, encoder, path, made_by, net=None):
-    """A checkpoint's weights into `net` (None: the dynamics model its metadata names), with its input
-    standardisation; refused if it was made with another encoder or render look."""
+    """A checkpoint in `net` (None: the dynamics its meta names) and its standardisation; another encoder's refused."""
     if not os.path.exists(path):
         raise UserError(f"missing {path}: run the `{made_by}` stage first")
     try:
@@ -1252,85 +1213,56 @@ def stage_eval(args, encoder):
     if exists_skip(args, path, "eval"):
         return False
     bc = bc_policy(*load_checked(args, encoder, os.path.join(args.out, "bc.pt"), "bc", bc_net(encoder.dim)))
-    seeds = episode_seeds("eval", args.eval_episodes, args.seed)
+    seeds, state = episode_seeds("eval", args.eval_episodes, args.seed), load_encoder("state")
     metrics, random = {}, random_policy(np.random.default_rng(args.seed))
-    for name in (*EXPERT_NAMES, "random"):  # they act on the physics: no rendering, no encoding
-        envs = Envs(min(len(seeds), 100), expert=name if name in EXPERTS else None)  # Envs runs the expert `name`
-        policy = random if name == "random" else expert_policy
-        eps = run_episodes(seeds, policy, load_encoder("state"), envs, args.steps, desc=name)
-        metrics[name] = report.episode_metrics(list(eps), args.steps)
-        if args.long_episodes:
-            metrics[name]["standard"] = long_return(seeds[:args.long_episodes], policy, load_encoder("state"), envs,
-                                                    False)
-    eps = run_episodes(seeds, bc, encoder, envs_for(args, encoder, len(seeds)), args.steps, keep_z=True, desc="eval bc")
-    metrics["bc"] = report.episode_metrics(list(eps), args.steps)
-    if args.long_episodes:
-        metrics["bc"]["standard"] = long_return(seeds[:args.long_episodes], bc, encoder, envs_for(args, encoder,
-                                                                                                    len(seeds)))
+    for name in (*EXPERT_NAMES, "random", "bc"):  # all but BC act on the physics: no rendering, no encoding
+        policy, enc = {"random": random, "bc": bc}.get(name, expert_policy), encoder if name == "bc" else state
+        envs = (envs_for(args, encoder, len(seeds)) if name == "bc" else  # Envs runs the expert `name`
+                Envs(min(len(seeds), 100), expert=name if name in EXPERTS else None))
+        metrics[name] = evaluate(seeds, policy, enc, envs, args.steps, args.long_episodes, desc=name)
     results = {"experts": {k: metrics[k] for k in EXPERT_NAMES}, "steps": args.steps,
                "eval": {"bc": metrics["bc"], "random": metrics["random"]}}
     for name, title, policy, expert in (("bc", "BC", bc, None), ("expert", f"expert {args.expert}", expert_policy,
                                                                   args.expert)):  # one more episode each, rendered
-        ep = gif_episode(seeds[0], policy, encoder, Envs(1, args.frame_size, args.render == "lean", expert), args.steps)
-        report.save_rollout_gif(os.path.join(args.out, f"rollout_{name}.gif"), ep, title)
+        report.save_rollout_gif(os.path.join(args.out, f"rollout_{name}.gif"),
+                                gif_episode(args, seeds[0], policy, encoder, args.steps, expert), title)
     save_json(path, results)
     print(report.phase1_table(dict(results, encoder=encoder.info()), args.steps))
 
 
-def run_sac(args, encoder, data, standardisation, result, name):
-    """One SAC variant ('rl', or 'rl+demos' with half of each batch from the Phase 1 demos, as RLPD): trained,
-    then its deterministic policy evaluated on the evaluation episodes; its actor and rl.json are saved."""
-    t0, (mean, std) = time.time(), standardisation
-    per_episode, repeat = args.steps // SAC_REPEAT * SAC_REPEAT, SAC_REPEAT
-    demos = None
-    if "demos" in name:  # half of each batch from the Phase 1 demos
-        episodes = [{k: data[k][e] for k in ("z", "actions", "rewards")} for e in range(len(data["z"]))]
-        demos = sac.demo_buffer(episodes, encoder.dim, repeat)
-    agent = sac.SACAgent(encoder.dim, mean, std, repeat, seed=args.seed, device=args.device, demos=demos,
-                         capacity=math.ceil(args.rl_steps / per_episode) * (per_episode // repeat),
-                         learning_starts=min(5_000, args.rl_steps // 4))  # quick runs learn too
-    eval_envs = envs_for(args, encoder, args.eval_episodes, repeat=repeat)
-
-    def evaluate(agent, n):
-        eps = run_episodes(episode_seeds("eval", n, args.seed), agent.greedy, encoder, eval_envs, args.steps, True)
-        return report.episode_metrics(list(eps), args.steps)
-    envs = envs_for(args, encoder, args.rl_envs, repeat=repeat)
-    play = partial(run_episodes, policy=agent, encoder=encoder, envs=envs, steps=args.steps, keep_z=True)
-    seeds = episode_seeds("rl", math.ceil(args.rl_steps / per_episode), args.seed)
-    curve = sac.train(agent, play, seeds, envs.n, partial(evaluate, n=min(args.rl_eval_episodes, args.eval_episodes)),
-                      args.rl_eval_every)
-    result["eval"][name] = evaluate(agent, args.eval_episodes)
-    if args.long_episodes:
-        seeds = episode_seeds("eval", args.long_episodes, args.seed)
-        result["eval"][name]["standard"] = long_return(seeds, agent.greedy, encoder, eval_envs)
-    result["runs"][name] = {"curve": curve, "env_steps": agent.env_steps, "updates": agent.updates,
-                            "seconds": time.time() - t0}
-    save_model(os.path.join(args.out, f"{name.replace('+', '_')}_actor.pt"), agent.nets["actor"], data, mean, std)
-    print(f"rl {name}: {agent.env_steps:,} env steps, {agent.updates:,} updates, {time.time() - t0:.0f} s | "
-          f"final success {report.fmt_rate(result['eval'][name])}")
-    save_json(os.path.join(args.out, "rl.json"), result)
-
-
 def stage_rl(args, encoder):
-    """SAC on frozen embeddings standardised with the Phase 1 data's statistics, without and (--rl-demos) with
-    those demos mixed in; each variant is kept once it finishes."""
+    """SAC on frozen embeddings standardised with the Phase 1 data's statistics, trained for --rl-steps on episodes
+    of its own, then its deterministic policy evaluated on the evaluation episodes; its actor and rl.json are saved."""
     path = os.path.join(args.out, "rl.json")
-    result, todo = saved_and_todo(args, path, "runs", ["rl"] + ["rl+demos"] * args.rl_demos, "rl")
-    if not todo:
+    if exists_skip(args, path, "rl"):
         return False
-    result.setdefault("eval", {})
     folder = data_dir(args, args.expert, args.epsilon)
-    data = load_dataset(folder, encoder)
-    result.update(standardisation=f"the Phase 1 data ({os.path.relpath(folder, args.out)})", steps=args.steps)
-    standardisation = standardizer(data["z"], np.arange(len(data["z"])))  # once, for every variant
+    data, t0 = load_dataset(folder, encoder), time.time()
+    (mean, std), per_episode = standardizer(data["z"], np.arange(len(data["z"]))), args.steps // SAC_REPEAT * SAC_REPEAT
+    agent = sac.SACAgent(encoder.dim, mean, std, SAC_REPEAT, seed=args.seed, device=args.device,
+                         capacity=math.ceil(args.rl_steps / per_episode) * (per_episode // SAC_REPEAT),
+                         learning_starts=min(5_000, args.rl_steps // 4))  # quick runs learn too
+    eval_envs = envs_for(args, encoder, args.eval_episodes, repeat=SAC_REPEAT)
+    eval_seeds = episode_seeds("eval", args.eval_episodes, args.seed)
+    envs = envs_for(args, encoder, args.rl_envs, repeat=SAC_REPEAT)
+    play = partial(run_episodes, policy=agent, encoder=encoder, envs=envs, steps=args.steps, keep_z=True)
     with cpu_threads(1 if args.device == "cpu" and encoder.dim < 512 else None):  # SAC's nets are small; ViT-L's not
-        for name in todo:
-            run_sac(args, encoder, data, standardisation, result, name)
+        curve = sac.train(agent, play, episode_seeds("rl", math.ceil(args.rl_steps / per_episode), args.seed), envs.n,
+                          lambda agent: evaluate(eval_seeds[:args.rl_eval_episodes], agent.greedy, encoder, eval_envs,
+                                                 args.steps), args.rl_eval_every)
+        final = evaluate(eval_seeds, agent.greedy, encoder, eval_envs, args.steps, args.long_episodes)
+    result = {"runs": {"rl": {"curve": curve, "env_steps": agent.env_steps, "updates": agent.updates,
+                              "seconds": time.time() - t0}}, "eval": {"rl": final},
+              "standardisation": f"the Phase 1 data ({os.path.relpath(folder, args.out)})", "steps": args.steps}
+    save_model(os.path.join(args.out, "rl_actor.pt"), agent.nets["actor"], data, mean, std)
+    print(f"rl: {agent.env_steps:,} env steps, {agent.updates:,} updates, {time.time() - t0:.0f} s | "
+          f"final success {report.fmt_rate(final)}")
+    save_json(path, result)
     print(report.rl_section({"rl": result, "encoder": encoder.info()}))
 
 
 def stage_dynamics(args, encoder):
-    """Train --dynamics; a re-run with a subset keeps the other models and clears plans made with retrained ones."""
+    """Train --dynamics; a re-run with a subset keeps the other models (`plan` redoes the plans of retrained ones)."""
     path, plan_path = os.path.join(args.out, "dynamics.json"), os.path.join(args.out, "plan.json")
     saved, todo = saved_and_todo(args, path, "dynamics", args.dynamics, "dynamics")
     if not todo:
@@ -1346,13 +1278,10 @@ def stage_dynamics(args, encoder):
                    resblock_relu=args.resblock_relu == "on")
         saved["dynamics"][name] = info
         save_json(path, saved)
-        plans = load_json(plan_path) if os.path.exists(plan_path) else {"plan": {}}
-        stale = [c for c in plans["plan"] if c.endswith("/" + name)]
-        for c in stale:  # plans made with the old model no longer match it
-            del plans["plan"][c], plans["plan_traces"][c]
+        plans = load_json(plan_path)["plan"] if os.path.exists(plan_path) else {}
+        stale = [c for c in plans if c.endswith("/" + name)]
         if stale:
-            save_json(plan_path, plans)
-            print(f"dynamics: cleared plan results {', '.join(stale)} (made with the old {name}); re-run `plan`")
+            print(f"dynamics: plan results {', '.join(stale)} were made with the old {name}; re-run `plan`")
     print(report.dynamics_table(saved))
 
 
@@ -1370,24 +1299,22 @@ def stage_imagine(args, encoder):
     for e in range(len(data["z"])):  # the Phase 2 episodes: replay, and the env steps they cost
         learner.add_episode({k: data[k][e] for k in ("z", "actions", "rewards")})
     envs = envs_for(args, encoder, min(args.rl_envs, args.eval_episodes))
-
-    def evaluate(policy, kind="eval", n=args.eval_episodes, steps=args.steps, diagnose=False):
-        eps = list(run_episodes(episode_seeds(kind, n, args.seed), policy, encoder, envs, steps, keep_z=True))
-        return report.episode_metrics(eps, steps) | ({"diagnosis": learner.diagnose(eps)} if diagnose else {})
+    eval_seeds = episode_seeds("eval", args.eval_episodes, args.seed)
     play = partial(run_episodes, policy=learner, encoder=encoder, envs=envs, steps=args.steps, keep_z=True)
     with cpu_threads(1 if args.device == "cpu" and encoder.dim < 512 else None):
         curve = imagine.dyna(learner, play, episode_seeds("rl", n_episodes, args.seed), envs.n,
-                             lambda agent: evaluate(agent.greedy, n=args.rl_eval_episodes),
-                             args.rl_eval_every, pretrain=args.imagine_updates,
+                             lambda agent: evaluate(eval_seeds[:args.rl_eval_episodes], agent.greedy, encoder, envs,
+                                                    args.steps), args.rl_eval_every, pretrain=args.imagine_updates,
                              first_fit=min(2_000, args.imagine_updates))  # the reward head's first fit: fewer in smoke
     seconds, learner.seconds = time.time() - t0, 0.0
-    result = {"eval": evaluate(learner.greedy, diagnose=True),
-              "plan": evaluate(learner.greedy, "plan", args.plan_episodes, args.plan_steps)}
+    eps = list(run_episodes(eval_seeds, learner.greedy, encoder, envs, args.steps, keep_z=True))
+    result = {"eval": report.episode_metrics(eps, args.steps) | {"diagnosis": learner.diagnose(eps)},
+              "plan": evaluate(episode_seeds("plan", args.plan_episodes, args.seed), learner.greedy, encoder, envs,
+                               args.plan_steps)}
     result["eval"]["ms_per_action"] = 1e3 * learner.seconds / (args.steps * args.eval_episodes + args.plan_steps *
                                                                 args.plan_episodes)  # as MPC's: batched over envs
     if args.long_episodes:
-        result["eval"]["standard"] = long_return(episode_seeds("eval", args.long_episodes, args.seed), learner.greedy,
-                                                 encoder, envs)
+        result["eval"]["standard"] = evaluate(eval_seeds[:args.long_episodes], learner.greedy, encoder, envs, MAX_STEPS)
     save_model(os.path.join(args.out, "imagine_actor.pt"), learner.actor, data, mean, std)
     save_json(path, dict(result, curve=curve, refits=learner.refits, env_steps=learner.env_steps, seconds=seconds,
                          updates=learner.updates, phase2_steps=int(phase2),
@@ -1418,10 +1345,9 @@ def plan_goals(args, encoder, seeds, kind):
 
 def plan_gif(args, mpc, encoder, seed, steps, title):
     """One more episode of the first CEM model, rendered, beside the goal expert's closest-approach frame."""
-    lean = args.render == "lean"
-    ep = gif_episode(seed, mpc, encoder, Envs(1, args.plan_frame_size, lean), steps)
-    envs = Envs(1, args.plan_frame_size, lean, args.goal_expert)
-    goal = gif_episode(seed, expert_policy, load_encoder("state"), envs, args.goal_horizon)
+    ep = gif_episode(args, seed, mpc, encoder, steps, size=args.plan_frame_size)
+    goal = gif_episode(args, seed, expert_policy, load_encoder("state"), args.goal_horizon, args.goal_expert,
+                       args.plan_frame_size)
     report.save_rollout_gif(os.path.join(args.out, "rollout_cem.gif"), ep, title,
                             goal["frames"][1 + int(goal["distances"][1:].argmin())])
 
@@ -1441,12 +1367,12 @@ def make_mpc(args, planner, model, z_goal, standardisation):
 
 
 def stage_plan(args, encoder):
-    """Random shooting and CEM with each dynamics model on the plan episodes; each planner/model pair is saved as
-    soon as it finishes, and a re-run does only the missing pairs."""
+    """Random shooting and CEM with each dynamics model on the plan episodes; a pair is saved as soon as it ends."""
     path, gif = os.path.join(args.out, "plan.json"), args.force or not os.path.exists(f"{args.out}/rollout_cem.gif")
     wanted = [c for c in args.plans if c.split("/")[1] in args.dynamics]
-    saved, todo = saved_and_todo(args, path, "plan", wanted, "plan",  # a pair, or its 1,000-step return, missing
-                                 complete=lambda entry: not args.long_episodes or "standard" in entry)
+    made_with = {c: report.file_digest(os.path.join(args.out, f"dynamics_{c.split('/')[1]}.pt")) for c in wanted}
+    saved, todo = saved_and_todo(args, path, "plan", wanted, "plan", lambda c, entry: entry.get("model") == made_with[c]
+                                 and (not args.long_episodes or "standard" in entry))  # the model on disk's, whole
     if not todo:
         return False
     models = {name: load_checked(args, encoder, os.path.join(args.out, f"dynamics_{name}.pt"), "dynamics")
@@ -1463,20 +1389,20 @@ def stage_plan(args, encoder):
         (z_goal, info), steps = goals[planner], args.rs_plan_steps if planner == "random" else args.plan_steps
         model, mean, std = models[name]
         mpc = make_mpc(args, planner, model, dict(zip(seeds, z_goal)), (mean, std))
-        if args.force or combo not in saved["plan"]:
+        if args.force or saved["plan"].get(combo, {}).get("model") != made_with[combo]:
             eps = list(run_episodes(seeds, mpc, plan_encoder, envs_for(args, plan_encoder, len(seeds)), steps,
                                     keep_z=True, desc=f"plan {combo}"))
             saved["plan"][combo], saved["plan_traces"][combo] = report.plan_metrics(eps, steps, mpc.seconds, info)
+            saved["plan"][combo]["model"] = made_with[combo]
             save_json(path, dict(saved, steps=args.plan_steps))
             print(f"plan {combo}: success {report.fmt_rate(saved['plan'][combo])}")
         if planner == "cem" and gif:  # the first CEM model's
             plan_gif(args, mpc, plan_encoder, seeds[0], steps, f"CEM {name}")
             gif = False
         if args.long_episodes:  # a fresh planner: the same goals, over reacher-easy's 1,000 steps
-            long_seeds = seeds[:args.long_episodes]
-            mpc = make_mpc(args, planner, model, dict(zip(seeds, z_goal)), (mean, std))
-            long = long_return(long_seeds, mpc, plan_encoder, envs_for(args, plan_encoder, len(long_seeds)))
-            saved["plan"][combo]["standard"] = dict(long, ms_per_action=1e3 * mpc.seconds / MAX_STEPS / len(long_seeds))
+            n, mpc = min(args.long_episodes, len(seeds)), make_mpc(args, planner, model, mpc.z_goal, (mean, std))
+            long = evaluate(seeds[:n], mpc, plan_encoder, envs_for(args, plan_encoder, n), MAX_STEPS)
+            saved["plan"][combo]["standard"] = dict(long, ms_per_action=1e3 * mpc.seconds / MAX_STEPS / n)
             save_json(path, dict(saved, steps=args.plan_steps))
     print(report.plan_table(dict(saved, encoder=encoder.info()), args.plan_steps))
 
@@ -1517,18 +1443,6 @@ STAGES = {"collect": stage_collect, "merge": stage_merge, "bc": stage_bc, "eval"
 
 
 # ---- Main --------------------------------------------------------------------------------------------------------
-def record(args, encoder, stage, seconds):
-    """config.json keeps the latest options and each command that wrote something, once; timing.json the
-    time of each stage that ran."""
-    path, timing_path = os.path.join(args.out, "config.json"), os.path.join(args.out, "timing.json")
-    commands = load_json(path)["commands"] if os.path.exists(path) else []
-    if commands[-1:] != [args.command]:
-        commands.append(args.command)
-    save_json(path, dict(vars(args), encoder_info=encoder.info(), commands=commands))
-    timing = load_json(timing_path) if os.path.exists(timing_path) else {}
-    save_json(timing_path, dict(timing, **{stage: seconds}))
-
-
 def run(args):
     """The stage (or all of them) on one run folder, which belongs to one encoder: another is refused first."""
     if args.stage in ("report", "merge"):  # need no encoder: everything comes from the run folder
@@ -1545,7 +1459,7 @@ def run(args):
     for name in (ALL if args.stage == "all" else [args.stage]):
         t0 = time.time()
         if STAGES[name](args, encoder) is not False and not shard_only:
-            record(args, encoder, name, time.time() - t0)
+            report.record_run(args.out, dict(vars(args), encoder_info=encoder.info()), name, time.time() - t0)
             wrote = True
     if wrote and args.stage != "report":
         report.write_report(args.out)
