@@ -13,6 +13,7 @@ for run in bc-seeds bc-seeds-keep-best; do
     python vjepa_reacher.py "$stage" --quick --encoder state --set bc_keep=$keep --seeds $seeds --out runs/$run
   done
 done
-mkdir -p results/bc-seeds-keep-best
-(cd runs/bc-seeds-keep-best && cp --parents *.json *.md seed_*/*.json seed_*/*.md seed_*/*.png \
-  ../../results/bc-seeds-keep-best/)
+for run in bc-seeds bc-seeds-keep-best; do
+  mkdir -p results/$run
+  (cd runs/$run && cp --parents *.json *.md seed_*/*.json seed_*/*.md seed_*/*.png ../../results/$run/)
+done
