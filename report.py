@@ -8,7 +8,6 @@ It imports nothing from vjepa_reacher.py (which imports it), so it can be copied
 """
 import contextlib
 import glob
-import hashlib
 import json
 import math
 import os
@@ -57,13 +56,6 @@ def save_json(path, obj):
 def write_text(path, text):
     with atomic_path(path) as tmp, open(tmp, "w") as f:
         f.write(text)
-
-
-def file_digest(path):
-    """The first 16 hex digits of a file's SHA-256 (None if it is missing): a plan names the model it was made with."""
-    if os.path.exists(path):
-        with open(path, "rb") as f:
-            return hashlib.sha256(f.read()).hexdigest()[:16]
 
 
 def record_run(out, config, stage, seconds):

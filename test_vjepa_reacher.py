@@ -1810,7 +1810,8 @@ def test_retraining_one_dynamics_model_keeps_the_others_and_plan_redoes_its_pair
     out = str(tmp_path / "run")
     shutil.copytree(light_runs["again"], out)
     plan_json = open(os.path.join(out, "plan.json"), "rb").read()
-    stdout, _ = ok("dynamics", "--encoder", "state", "--out", out, "--force", "--dynamics", "mlp", *TINY)
+    stdout, _ = ok("dynamics", "--encoder", "state", "--out", out, "--force", "--dynamics", "mlp", *TINY,
+                   "--set", "dyn_lr=0.003")  # other weights (retrained alike, the plans would stand)
     assert "plan results random/mlp, cem/mlp were made with the old mlp; re-run `plan`" in stdout
     assert set(results(out)["dynamics"]) == {"mlp", "mlp_rollout5"}  # the other model's entry stays with its .pt file
     assert open(os.path.join(out, "plan.json"), "rb").read() == plan_json  # dynamics writes only its own files
@@ -1818,8 +1819,9 @@ def test_retraining_one_dynamics_model_keeps_the_others_and_plan_redoes_its_pair
     assert "plan cem/mlp_rollout5" not in stdout and "plan cem/mlp:" in stdout and "plan random/mlp:" in stdout
     plans = results(out)["plan"]
     assert set(plans) == {"random/mlp", "cem/mlp", "cem/mlp_rollout5"}
-    digest = {c: report.file_digest(os.path.join(out, f"dynamics_{c.split('/')[1]}.pt")) for c in plans}
-    assert {c: plans[c]["model"] for c in plans} == digest  # each pair names the model it was made with
+    digest = {c: results(out)["dynamics"][c.split("/")[1]]["digest"] for c in plans}
+    assert {c: plans[c]["model"] for c in plans} == digest  # each pair names the weights it was made with
+    assert plans["cem/mlp"]["model"] != json.loads(plan_json)["plan"]["cem/mlp"]["model"]  # the new mlp's
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1862,7 +1864,7 @@ def test_all_quick_with_state_oracle(state_run):
         "rollout_bc.gif", "rollout_cem.gif", "rollout_expert.gif"]
     assert "\r" not in err  # one line per interval in a log, not tqdm's carriage returns
     stdout, _ = ok("rl", "--quick", "--encoder", "state", "--out", out)
-    assert "rl.json has" in stdout and "--force to redo" in stdout
+    assert "rl.json exists" in stdout and "--force to redo" in stdout
 
 
 def test_quick_imagine_beats_random_and_every_policy_has_a_1000_step_return(state_run):

@@ -28,6 +28,7 @@ import contextlib
 import copy
 import dataclasses
 import glob
+import hashlib
 import importlib.metadata
 import math
 import os
@@ -56,7 +57,6 @@ EXPLORE = ("p", 0.3)  # seed: Phase 2 exploration data, the P-controller with ep
 HELD_OUT = {"eval": 5_000, "plan": 1_000_000, "probe": 2_000_000, "goal": 3_000_000}  # seed: eval on 5000-5099
 TRAINING = ("collect", "explore", "rl")  # stage i of --seed S starts at 2**24 + a hash of (S, i)
 MAX_EPISODES = 995_000  # per range: keeps every held-out range inside its slot, e.g. 5000 + n <= 1,000,000
-MAX_SEED = 2 ** 31 - 1
 EXPERT_NAMES = ("p", "jacobian")
 DYNAMICS = ("mlp", "mlp_rollout5", "resblock")
 PLANS = ("random/mlp", "cem/mlp", "cem/mlp_rollout5", "cem/resblock")
@@ -149,7 +149,7 @@ def checked(cast, ok, what):
 
 positive_int = checked(int, lambda v: v > 0, "an integer > 0")
 unit_float = checked(float, lambda v: 0 <= v <= 1, "a number in [0, 1]")
-seed_int = checked(int, lambda v: 0 <= v <= MAX_SEED, f"an integer in [0, 2**31 - 1 = {MAX_SEED}]")
+seed_int = checked(int, lambda v: 0 <= v < 2 ** 31, f"an integer in [0, 2**31 - 1 = {2 ** 31 - 1}]")
 
 
 def knob_setting(s):
@@ -327,9 +327,8 @@ def reacher_state(physics):
 
 
 class Renderer:
-    """Renders any reacher physics from camera 0 at size x size (lean: no shadows, reflections or skybox).
-    Every env draws through this one physics and Camera, its state copied in: a GL context per env costs ~80 MB
-    and ~0.5 s, and physics.render builds a new Camera per call (~2 ms of a ~6 ms frame), measured here."""
+    """Renders any reacher physics from camera 0 at size x size (lean: no shadows, reflections or skybox) through one
+    shared physics and Camera: a context per env costs ~80 MB and ~0.5 s, a new Camera ~2 ms of a 6 ms frame."""
 
     def __init__(self, size, lean=True):
         from dm_control.mujoco import Camera
@@ -803,10 +802,9 @@ def evaluate_loss(model, batch_loss, n, split="val", chunk=4096):
 
 def fit(model, batch_loss, opt, n_train, n_val, epochs, batch_size, *, grad_clip=0.0, schedule_step="batch",
         keep="final", seed=0, desc="train"):
-    """Train with `opt` under cosine decay (stepped per 'batch' or per 'epoch') on seeded batches of the n_train
-    samples; batch_loss(idx, split) -> mean loss over samples idx of 'train' or 'val'; grad_clip > 0 clips the
-    gradient norm. Keeps the 'final' epoch's weights or the 'best' on validation. A non-finite loss restores the
-    kept weights and stops with a UserError. Returns the history, the kept epoch and its validation loss."""
+    """Train with `opt` under cosine decay (stepped per 'batch' or 'epoch') on seeded batches of the n_train samples;
+    batch_loss(idx, split) -> mean loss of samples idx of 'train' or 'val'; grad_clip > 0 clips the gradient norm.
+    Keeps the 'final' or 'best' epoch's weights; a non-finite loss restores them and stops with a UserError."""
     per_batch, g = schedule_step == "batch", torch.Generator().manual_seed(seed)
     decay = epochs * (math.ceil(n_train / batch_size) if per_batch else 1)  # cosine to ~0 over the whole run
     sched, params = torch.optim.lr_scheduler.CosineAnnealingLR(opt, decay), sum(p.numel() for p in model.parameters())
@@ -1272,6 +1270,8 @@ def stage_dynamics(args, encoder):
     for name in todo:
         epochs = args.dyn_epochs or {"mlp": 100, "mlp_rollout5": args.rollout_epochs, "resblock": 150}[name]  # seed
         model, info, (mean, std) = train_dynamics(name, data, args, epochs)
+        weights = b"".join(t.numpy().tobytes() for t in model.state_dict().values())
+        info["digest"] = hashlib.sha256(weights).hexdigest()[:16]  # plans name the weights they were made with
         info["kstep_error"], info["kstep_copy"] = kstep_error(model.to(args.device), data["z"], data["actions"],
                                                               info["val_episodes"], (mean, std), common)
         save_model(os.path.join(args.out, f"dynamics_{name}.pt"), model.cpu(), data, mean, std, name=name,
@@ -1279,7 +1279,7 @@ def stage_dynamics(args, encoder):
         saved["dynamics"][name] = info
         save_json(path, saved)
         plans = load_json(plan_path)["plan"] if os.path.exists(plan_path) else {}
-        stale = [c for c in plans if c.endswith("/" + name)]
+        stale = [c for c in plans if c.endswith("/" + name) and plans[c].get("model") != info["digest"]]
         if stale:
             print(f"dynamics: plan results {', '.join(stale)} were made with the old {name}; re-run `plan`")
     print(report.dynamics_table(saved))
@@ -1323,11 +1323,10 @@ def stage_imagine(args, encoder):
 
 
 def plan_goals(args, encoder, seeds, kind):
-    """z_goal (B, D) for the plan episodes `seeds`, and per episode its step and finger distance.
-    expert: the goal expert runs goal_horizon steps from the same start and target; the goal is what it sees at its
-    closest approach. random-run (the seed's random shooting): the first frame with reward > 0.9 in 500 random steps,
-    else the last, on held-out 'goal' episodes, since the seed's goal run was its env's next episode (another target).
-    goal_form: the 8-frame window there (ours) or that one frame repeated x8 (the seed's)."""
+    """z_goal (B, D) for the plan episodes `seeds`, and per episode its step and finger distance. expert: what the
+    goal expert sees at its closest approach within goal_horizon steps of the same episode. random-run (the seed's
+    random shooting): the first frame with reward > 0.9 in 500 random steps, else the last, on held-out 'goal'
+    episodes (the seed's goal run was its env's next episode). goal_form: the window there, or that frame x8."""
     encoder = variant(encoder, form=args.goal_form)
     if kind == "expert":
         policy, steps, envs = expert_policy, args.goal_horizon, envs_for(args, encoder, len(seeds), args.goal_expert)
@@ -1370,9 +1369,10 @@ def stage_plan(args, encoder):
     """Random shooting and CEM with each dynamics model on the plan episodes; a pair is saved as soon as it ends."""
     path, gif = os.path.join(args.out, "plan.json"), args.force or not os.path.exists(f"{args.out}/rollout_cem.gif")
     wanted = [c for c in args.plans if c.split("/")[1] in args.dynamics]
-    made_with = {c: report.file_digest(os.path.join(args.out, f"dynamics_{c.split('/')[1]}.pt")) for c in wanted}
-    saved, todo = saved_and_todo(args, path, "plan", wanted, "plan", lambda c, entry: entry.get("model") == made_with[c]
-                                 and (not args.long_episodes or "standard" in entry))  # the model on disk's, whole
+    trained = load_json(os.path.join(args.out, "dynamics.json"), made_by="dynamics")["dynamics"]
+    made_with = {c: trained.get(c.split("/")[1], {}).get("digest") for c in wanted}  # None: trained by older code
+    saved, todo = saved_and_todo(args, path, "plan", wanted, "plan", lambda c, entry: made_with[c] in (
+        None, entry.get("model")) and (not args.long_episodes or "standard" in entry))  # the model on disk's, whole
     if not todo:
         return False
     models = {name: load_checked(args, encoder, os.path.join(args.out, f"dynamics_{name}.pt"), "dynamics")
@@ -1389,7 +1389,8 @@ def stage_plan(args, encoder):
         (z_goal, info), steps = goals[planner], args.rs_plan_steps if planner == "random" else args.plan_steps
         model, mean, std = models[name]
         mpc = make_mpc(args, planner, model, dict(zip(seeds, z_goal)), (mean, std))
-        if args.force or saved["plan"].get(combo, {}).get("model") != made_with[combo]:
+        entry = saved["plan"].get(combo)  # redone if missing, or made with other weights than dynamics.json's
+        if args.force or entry is None or made_with[combo] not in (None, entry.get("model")):
             eps = list(run_episodes(seeds, mpc, plan_encoder, envs_for(args, plan_encoder, len(seeds)), steps,
                                     keep_z=True, desc=f"plan {combo}"))
             saved["plan"][combo], saved["plan_traces"][combo] = report.plan_metrics(eps, steps, mpc.seconds, info)
