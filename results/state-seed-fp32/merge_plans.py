@@ -3,7 +3,7 @@ ran at once in two copies of one run folder. A pair is refused unless the two fo
 (byte for byte); the source's commands join the destination's config.json, so report.md lists every command that
 made its numbers.
 
-    python results/state-seed/merge_plans.py SRC DST PAIR [PAIR ...]
+    python results/state-seed-fp32/merge_plans.py SRC DST PAIR [PAIR ...]
 """
 import filecmp
 import os
