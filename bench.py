@@ -251,10 +251,10 @@ def measure_encoder(encoder, windows, peak, quick, compile=False):
 
 def measure_cem(device, peak, quick):
     """One CEM call for all episodes of a control step at the seed's sizes on the 1.58M-param mlp (D = 1024),
-    interleaved: `cem` in fp32 and under each autocast; on CUDA also with an fp16 copy of the net ('half'), and the
-    planner as `plan` runs it with the 10 ms goal's settings ('mpc': MPC with the fp16 copy, TF32 and its CUDA graph,
-    standardising and returning actions to the host). The FLOP floor at the measured peak; how far each side moves
-    the first action of the elite mean from fp32's (the same noise, but for 'mpc', which draws its noise up front)."""
+    interleaved: `cem` in fp32 and under each autocast; on CUDA also the planner as `plan` runs it with the 10 ms
+    goal's settings ('mpc': MPC with an fp16 copy of the net, TF32 and its CUDA graph, standardising and returning
+    actions to the host). The FLOP floor at the measured peak; how far each side moves the first action of the elite
+    mean from fp32's (the same noise, but for 'mpc', which draws its noise up front)."""
     episodes, samples, elites, iterations = (2, 64, 8, 2) if quick else (20, 500, 50, 5)  # seed: 500, 50, 5
     settings = dict(horizon=10, samples=samples, elites=elites, iterations=iterations)  # seed: horizon 10
     torch.manual_seed(0)
@@ -263,8 +263,6 @@ def measure_cem(device, peak, quick):
     sides = {p: partial(vr.cem, vr.latent_cost(model, z, z_goal, "final", DTYPES[p]), episodes, device=device,
                         generator=torch.Generator(device).manual_seed(0), **settings) for p in PRECISIONS[device]}
     if device == "cuda":
-        sides["half"] = partial(vr.cem, vr.latent_cost(copy.deepcopy(model).half(), z, z_goal), episodes,
-                                generator=torch.Generator(device).manual_seed(0), device=device, **settings)
         identity = np.zeros(1024, np.float32), np.ones(1024, np.float32)  # MPC standardises z: here to itself
         mpc = vr.MPC(model, dict(enumerate(z_goal.cpu().numpy())), identity, settings, dtype="bf16", graph=True)
         sides["mpc"] = partial(mpc, z.cpu().numpy(), {"seed": list(range(episodes)), "step": 0})
@@ -299,19 +297,6 @@ def measure_training(device, quick):
 
 
 # ---- The run -----------------------------------------------------------------------------------------------------
-def start(args, device):
-    """The run's header: machine, versions, the load average at the start, and a warning above 0.5: other jobs
-    then share the cores and ratios drift (issue 21: ViT-L read 42% of the matmul peak beside four jobs, 88% alone)."""
-    load = os.getloadavg()[0]
-    result = {"device": device_name(device), "torch": torch.__version__, "command": args.command,
-              "load_average_at_start": load, "torch_threads": torch.get_num_threads(), "bench_seconds": {}}
-    print(f"bench: {result['device']}, torch {torch.__version__}{', quick' if args.quick else ''}", flush=True)
-    if load > 0.5:
-        print(f"bench: warning: load average {load:.2f} at the start: other processes share this machine, so "
-              f"{'CPU-side ' if device == 'cuda' else ''}timings are noisy; run it alone to commit", flush=True)
-    return result
-
-
 def record(result, rows, out, key, measure, *inputs):
     """Run one measurement; keep its figures under `key` (and return them), its rows for the table, its wall time;
     then write bench.json and bench.md in `out`, so a run cut short keeps every measurement it finished."""
@@ -337,7 +322,13 @@ def main(argv=None):
     device = "cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()) else "cpu"
     quick, batch = args.quick, 8 if args.quick else BATCH
     out = args.out or ("runs/bench-quick" if quick else RESULTS)  # a smoke run never overwrites committed numbers
-    result, rows = start(args, device), []
+    load = os.getloadavg()[0]  # above 0.5, other jobs share the cores and ratios drift (ViT-L: 42% MFU, alone 88%)
+    result, rows = {"device": device_name(device), "torch": torch.__version__, "command": args.command,
+                    "load_average_at_start": load, "torch_threads": torch.get_num_threads(), "bench_seconds": {}}, []
+    print(f"bench: {result['device']}, torch {torch.__version__}{', quick' if args.quick else ''}", flush=True)
+    if load > 0.5:
+        print(f"bench: warning: load average {load:.2f} at the start: other processes share this machine, so "
+              f"{'CPU-side ' if device == 'cuda' else ''}timings are noisy; run it alone to commit", flush=True)
     peak = record(result, rows, out, "matmul_peak_gflops", matmul_peak, device, quick)
 
     def run(key, *measurement):

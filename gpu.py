@@ -1,8 +1,7 @@
 """gpu.py: the speed machinery that only pays on a GPU, kept out of vjepa_reacher.py's way: pinned uploads, TF32
-while planning, one function captured as a CUDA graph on static buffers (CEM, `--set plan_graph=on`) and
-torch.compile of V-JEPA 2's encoder at a few fixed batch sizes (`--set compile=on`). Off CUDA each piece runs the same
-code eagerly, so the CPU tests check it; bench.py times it on a GPU. Imports nothing from the script.
-"""
+while planning, one function captured as a CUDA graph on static buffers (CEM, `--set plan_graph=on`) and torch.compile
+of V-JEPA 2's encoder at a few fixed batch sizes (`--set compile=on`). Off CUDA each piece runs the same code eagerly,
+so the CPU tests check it; bench.py times it on a GPU. Imports nothing from the script."""
 import contextlib
 
 import torch

@@ -1,19 +1,15 @@
-"""Run vjepa_reacher.py on Modal GPUs: sharded collection + encoding, merge, optional Hub upload, BC + eval.
+"""Run vjepa_reacher.py on Modal GPUs: sharded collection + encoding, merge, then optionally BC + eval.
 
     pip install modal && modal setup                          # once: the client is all a laptop needs; log in
     modal run modal_app.py --run smoke --shards 2 --args "--encoder tiny --episodes 8"   # smoke: 2 x 4 episodes
     modal run modal_app.py                                    # Phase 1: 500 jacobian demos, ViT-L, 10 A10 shards
-    modal run modal_app.py                                    # again after a failure: collects only what is missing
-    modal run modal_app.py --args "--expert p --epsilon 0.3 --episodes 5000"   # seed Phase 2b exploration data
     modal run modal_app.py --run seed --shards 1 --evaluate --args "--recipe seed"   # the seed's recipe, + BC
-    modal run modal_app.py --run full --gpu L4 --args "--set render=full"    # another look in its own run folder
-    modal secret create huggingface HF_TOKEN=hf_...           # once, only for --hf-repo
-    modal run modal_app.py --hf-repo you/vjepa2-reacher       # also upload the merged dataset
     mkdir -p runs && modal volume get vjepa-reacher runs/modal runs   # fetch runs/modal (--force: again)
 
-`--args` holds the script's options as typed after `python vjepa_reacher.py collect`, checked by its parser (here
-if vjepa_reacher imports, else in the first container, a CPU one); `--run RUN` is the run folder, runs/RUN on the
-volume. Jobs call vjepa_reacher.main with the command line a local user would type, so the two cannot drift apart.
+README.md lists the rest (Phase 2b, another look, a Hub upload with `hf upload`). `--args` holds the script's
+options as typed after `python vjepa_reacher.py collect`, checked by its parser (here if vjepa_reacher imports,
+else in the first container, a CPU one); `--run RUN` is the run folder, runs/RUN on the volume. Jobs call
+vjepa_reacher.main with the command line a local user would type, so the two cannot drift apart.
 """
 import contextlib
 import dataclasses
@@ -38,8 +34,7 @@ VOLUME = "/vol"  # run folders live on one modal.Volume; shards write only their
 RESERVED = {"out": "--run", "shard": "--shards", "seeds": "one --run per seed", "device": "--gpu"}  # set here
 
 volume = modal.Volume.from_name("vjepa-reacher", create_if_missing=True)
-# The runtime lines of requirements.txt (test_modal_* checks they match), without modal and pytest. On Linux x86_64,
-# torch from PyPI is the CUDA build (it pulls NVIDIA's runtime wheels), which is what a GPU container wants.
+# requirements.txt's runtime lines (a test checks they match); on Linux x86_64 PyPI's torch is the CUDA build.
 PACKAGES = ["torch==2.13.0", "mujoco==3.17.0", "dm_control==1.0.50", "transformers>=4.53,<6", "safetensors>=0.4",
             "numpy>=1.26", "scipy>=1.11", "tqdm>=4.66", "matplotlib>=3.8", "pillow>=10.1", "huggingface_hub>=0.30"]
 SOURCES = ["vjepa_reacher", "gpu", "report", "rope", "sac", "imagine"]  # the script and the leaves it imports
@@ -202,7 +197,7 @@ def on_volume(fn, *args):
         volume.commit()
 
 
-# ---- Modal functions: no secrets here, because `modal run` resolves every declared secret at start ---------------
+# ---- Modal functions: plain wrappers of the jobs on the volume ------------------------------------------------
 @app.function(gpu=GPU, cpu=GPU_CPUS, volumes={VOLUME: volume}, timeout=4 * 3600)
 def collect_shard(job: Job, shard: int):
     print(f"MUJOCO_GL={os.environ['MUJOCO_GL']}: the {'GPU' if os.environ['MUJOCO_GL'] == 'egl' else 'CPU'} draws")
@@ -224,17 +219,6 @@ def todo_shards(job: Job) -> list[int]:
     return on_volume(todo_shards_job, job)
 
 
-@app.function(volumes={VOLUME: volume}, timeout=3 * 3600)  # HF_TOKEN comes from the secret main attaches
-def upload(data_dir: str, hf_repo: str) -> str:
-    """Upload the merged dataset as a Hub dataset repo (upload_large_folder is gone in huggingface_hub 2.x)."""
-    from huggingface_hub import create_repo, upload_folder  # both read HF_TOKEN from the environment
-    volume.reload()
-    create_repo(hf_repo, repo_type="dataset", exist_ok=True)
-    upload_folder(folder_path=data_dir, repo_id=hf_repo, repo_type="dataset",
-                  commit_message=f"vjepa-reacher dataset {os.path.basename(data_dir)}")
-    return f"https://huggingface.co/datasets/{hf_repo}"
-
-
 # ---- Entry point -------------------------------------------------------------------------------------------------
 def step(what, fn, *args):
     """fn(*args); an exception ends the run with one line naming the step (its traceback is in the logs)."""
@@ -244,12 +228,12 @@ def step(what, fn, *args):
         raise SystemExit(f"error: {what}: {last_line(e) or repr(e)}") from None
 
 
-def run_pipeline(job, todo_shards, collect_shards, merge, upload=None, evaluate=None):
-    """Check options and shards, collect the shards still to do, merge, then optionally upload and evaluate.
+def run_pipeline(job, todo_shards, collect_shards, merge, evaluate=None):
+    """Check options and shards, collect the shards still to do, merge, then optionally evaluate.
 
     The remote calls come in as arguments so a test can run this locally: todo_shards(job) -> shards to collect;
     collect_shards(job, shards) -> one result per shard, in order, an exception for each that failed;
-    merge(job) -> data folder; upload(data_dir) -> URL; evaluate(job). Returns the merged data folder."""
+    merge(job) -> data folder; evaluate(job). Returns the merged data folder."""
     todo = step("check", todo_shards, job)
     if len(todo) < job.shards:
         print(f"{job.shards - len(todo)} of {job.shards} shards already finished with these options; collecting {todo}")
@@ -264,8 +248,6 @@ def run_pipeline(job, todo_shards, collect_shards, merge, upload=None, evaluate=
                          f"{failed[min(failed)]}); the others are saved: re-run {rerun} to collect the rest")
     data_dir = step("merge", merge, job)
     print("merged ->", data_dir)
-    if upload:
-        print("uploaded ->", step("upload", upload, data_dir))
     if evaluate:
         step("bc + eval", evaluate, job)
     # modal 1.6.4's `volume get` puts REMOTE's last part inside LOCAL, which must be a folder that exists
@@ -274,17 +256,12 @@ def run_pipeline(job, todo_shards, collect_shards, merge, upload=None, evaluate=
 
 
 @app.local_entrypoint()
-def main(args: str = "", shards: int = 10, gpu: str = GPU, run: str = "modal", hf_repo: str = "",
-         evaluate: bool = False):
+def main(args: str = "", shards: int = 10, gpu: str = GPU, run: str = "modal", evaluate: bool = False):
     job = Job(f"{VOLUME}/runs/{run}", step("--args", shlex.split, args), shards)
     if vjepa_reacher is not None:  # where the script imports, bad options fail here; else in `todo_shards`
         step("--args", parse_job, job)
     # with_options sends a fresh resource request, so the CPU count goes with the GPU name.
     collect_gpu, bc_eval_gpu = (f.with_options(gpu=gpu, cpu=GPU_CPUS) for f in (collect_shard, bc_eval))
-    if hf_repo:  # the secret is attached here, so only runs that upload need it (modal 1.6.4 Function.with_options)
-        uploader = upload.with_options(secrets=[modal.Secret.from_name("huggingface", required_keys=["HF_TOKEN"])])
-        step("the huggingface secret", uploader.hydrate)  # resolves it now: a missing one fails before any shard
     run_pipeline(job, todo_shards=todo_shards.remote,  # return_exceptions: a failed shard does not cancel the others
                  collect_shards=lambda job, todo: collect_gpu.starmap([(job, i) for i in todo], return_exceptions=True),
-                 upload=(lambda data_dir: uploader.remote(data_dir, hf_repo)) if hf_repo else None,
                  merge=merge.remote, evaluate=bc_eval_gpu.remote if evaluate else None)

@@ -133,14 +133,6 @@ def plan_metrics(eps, steps, seconds, goals):
     return m, {"finger": finger.tolist()}
 
 
-def ridge_fit(X, Y, lam):
-    """Closed-form ridge with an unpenalised bias: W = (X^T X + lam I)^-1 X^T Y on centred X, Y."""
-    mx, my = X.mean(0), Y.mean(0)
-    Xc = X - mx
-    W = np.linalg.solve(Xc.T @ Xc + lam * np.eye(X.shape[1]), Xc.T @ (Y - my))
-    return W, my - mx @ W
-
-
 def ridge_probe(X, Y, episode, folds=4, lams=(1e-2, 1e-1, 1, 10, 100, 1e3, 1e4)):
     """Episode-wise k-fold ridge: every row is predicted by a probe fit on the other folds' episodes.
 
@@ -154,8 +146,10 @@ def ridge_probe(X, Y, episode, folds=4, lams=(1e-2, 1e-1, 1, 10, 100, 1e3, 1e4))
             if not tr.any():  # one episode: nothing to hold out
                 return float("nan")
             mu, sd = X[tr].mean(0), X[tr].std(0) + 1e-6
-            W, b = ridge_fit((X[tr] - mu) / sd, Y[tr], lam)
-            P[te] = (X[te] - mu) / sd @ W + b
+            Xc, my = (X[tr] - mu) / sd, Y[tr].mean(0)  # closed-form ridge with an unpenalised bias, on centred X, Y
+            mx = Xc.mean(0)
+            W = np.linalg.solve((Xc - mx).T @ (Xc - mx) + lam * np.eye(X.shape[1]), (Xc - mx).T @ (Y[tr] - my))
+            P[te] = (X[te] - mu) / sd @ W + (my - mx @ W)
         best = max(best, np.mean(1 - ((Y - P) ** 2).sum(0) / (((Y - Y.mean(0)) ** 2).sum(0) + 1e-12)))
     return float(best)
 
@@ -254,25 +248,18 @@ def imagine_section(results):
             for label, m in ((f"evaluation episodes, {im['steps']} steps", im["eval"]),
                              (f"planning episodes (CEM's), {im['plan_steps']} steps", im["plan"]),
                              ("evaluation episodes, reacher-easy's 1,000 steps", im["eval"].get("standard"))) if m]
-    first, last = im["refits"][0], im["refits"][-1]
+    first, last, d = im["refits"][0], im["refits"][-1], im["eval"].get("diagnosis")
+    parts = [f"{k} (n = {d[k]['n']}): reward head MSE {d[k]['reward_mse']:.3f}, dynamics 1-step error "
+             f"{d[k]['dynamics_error']:.3f}" for k in ("success", "failure") if d[k]["n"]] if d else []
+    where = (" Along its real evaluation episodes, " + "; ".join(parts) +
+             f" (held-out replay: {d['replay_dynamics_error']:.3f}).") if d else ""
     return (f"### Phase 5: actor-critic in imagination (encoder `{results['encoder']['id']}`)\n\n" +
             md_table(["episodes", "success [95% CI]", "return", "n"], rows) +
             f"\n\n{im['env_steps']:,} env steps ({im['phase2_steps']:,} of them the Phase 2 data), "
             f"{im['updates']:,} imagination updates, {im['seconds']:.0f} s; {im['eval']['ms_per_action']:.3f} ms an "
             f"action. Reward head held-out MSE {first['reward_val']:.4f} at the first refit, {last['reward_val']:.4f} "
             f"at the last ({len(im['refits'])} refits); dynamics held-out SmoothL1 {first['dynamics_val']:.5f} -> "
-            f"{last['dynamics_val']:.5f}.{diagnosis_line(im['eval'].get('diagnosis'))} Learning curve: "
-            "![learning curves](rl_curve.png)")
-
-
-def diagnosis_line(d):
-    """Where the actor-critic's real evaluation episodes part from its imagination, for successes and failures."""
-    if not d:
-        return ""
-    parts = [f"{k} (n = {d[k]['n']}): reward head MSE {d[k]['reward_mse']:.3f}, dynamics 1-step error "
-             f"{d[k]['dynamics_error']:.3f}" for k in ("success", "failure") if d[k]["n"]]
-    return (" Along its real evaluation episodes, " + "; ".join(parts) +
-            f" (held-out replay: {d['replay_dynamics_error']:.3f}).")
+            f"{last['dynamics_val']:.5f}.{where} Learning curve: ![learning curves](rl_curve.png)")
 
 
 def save_rollout_gif(path, ep, title, goal=None):
@@ -280,10 +267,7 @@ def save_rollout_gif(path, ep, title, goal=None):
     (ep["distances"], metres) at that step; the goal frame beside each one."""
     from PIL import Image, ImageDraw, ImageFont
     frames, d = ep["frames"], ep["distances"]
-    try:
-        font = ImageFont.load_default(size=max(12, frames.shape[1] // 18))
-    except TypeError:  # Pillow < 10.1 has one fixed-size bitmap font
-        font = ImageFont.load_default()
+    font = ImageFont.load_default(size=max(12, frames.shape[1] // 18))  # sized: Pillow >= 10.1
     band, images = font.getbbox("Ag")[3] + 8, []
     for t, f in enumerate(frames):
         im = Image.fromarray(np.concatenate([f, goal], 1) if goal is not None else f)

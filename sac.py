@@ -102,7 +102,6 @@ class ReplayBuffer:
         return {k: torch.from_numpy(getattr(self, k)[idx]) for k in ("z", "a", "r", "z_next", "done")}
 
 
-
 def sac_update(nets, optims, batch, gamma=0.99, tau=0.005, target_entropy=None, generator=None):
     """One gradient step of SAC on a batch of standardised transitions (z, a, r, z_next, done); returns floats.
     nets: actor, critic (QNet), critic_target, log_alpha; optims: actor, critic, alpha (Adam).

@@ -1230,7 +1230,7 @@ def test_plan_stage_knobs_set_the_episode_lengths_and_random_shootings_goal(stat
     shutil.copytree(state_run[0], out)
     sizes = ["--encoder", "state", "--dynamics", "mlp", "--plans", "random/mlp", "cem/mlp", "--plan-episodes", "2",
              "--samples", "16", "--elites", "4", "--rs-samples", "32", "--iterations", "2", "--horizon", "3",
-             "--force", "--out", out, "--set", "plan_steps=7"]
+             "--force", "--out", out, "--set", "plan_steps=7", "--long-episodes", "0"]
     plans = {}
     for rs_goal, rs_steps in (("random-run", 5), ("expert", 7)):
         ok("plan", *sizes, "--set", f"rs_goal={rs_goal}", "--set", f"rs_plan_steps={rs_steps}")
@@ -2030,7 +2030,8 @@ assert modal_app.vjepa_reacher is None
 """
 
 # A smoke-sized job: 4 tiny episodes of 5 steps; options as `modal run modal_app.py --args "..."` passes them.
-MODAL_TINY = ["--encoder", "tiny", "--episodes", "4", "--steps", "5", "--batch-size", "2", "--eval-episodes", "2"]
+MODAL_TINY = ["--encoder", "tiny", "--episodes", "4", "--steps", "5", "--batch-size", "2", "--eval-episodes", "2",
+              "--long-episodes", "0"]  # eval: no 1,000-step episodes of the tiny encoder
 
 
 def local_remote(modal_app, calls, fail=()):
@@ -2084,39 +2085,21 @@ def test_modal_app_imports_with_nothing_but_modal():
     assert local <= set(modal_app.SOURCES)
 
 
-def test_modal_app_attaches_the_hf_secret_only_for_hf_repo_and_resolves_it_first(monkeypatch):
+def test_modal_app_main_passes_its_options_to_the_pipeline(monkeypatch):
     import modal
     modal_app = import_modal_app()
-    # `modal run` resolves every function's declared secrets at start, so none may declare one.
+    # `modal run` resolves every function's declared secrets at start, so none declares one.
     objects = list(vars(modal_app).values())
     functions = [f for f in objects if isinstance(f, modal.Function)]
-    assert len(functions) == 5 and not any(isinstance(c, modal.Cls) for c in objects)
+    assert len(functions) == 4 and not any(isinstance(c, modal.Cls) for c in objects)
     assert all(not f._spec_.secrets for f in functions)  # modal 1.6.4: _FunctionSpec.secrets
-    seen, events = {}, []
-
-    class Upload:  # stands in for the upload function: records what main attaches, and when it is resolved
-        def with_options(self, **options):
-            seen["options"] = options
-            return self
-
-        def hydrate(self):
-            events.append("hydrate")
-            return self
-
-        def remote(self, data_dir, hf_repo):
-            return hf_repo
-
-    monkeypatch.setattr(modal_app, "upload", Upload())
-    monkeypatch.setattr(modal_app, "run_pipeline",
-                        lambda job, **calls: events.append("run") or seen.update(calls, job=job))
+    seen = {}
+    monkeypatch.setattr(modal_app, "run_pipeline", lambda job, **calls: seen.update(calls, job=job))
     main = modal_app.main.info.raw_f  # the entry point's own function, without `modal run`
     main()
-    assert seen["upload"] is None and "options" not in seen and seen["evaluate"] is None and events == ["run"]
-    assert vars(seen["job"]) == vars(modal_app.Job("/vol/runs/modal"))
-    main(hf_repo="you/data", args="--recipe seed --set cost=final --force", shards=2)
-    assert [repr(s) for s in seen["options"]["secrets"]] == ["modal.Secret.from_name('huggingface')"]
-    assert events[1:] == ["hydrate", "run"]  # the secret is resolved before any shard starts
-    assert seen["upload"]("/vol/runs/modal/data/p_eps0.3") == "you/data"
+    assert seen["evaluate"] is None and vars(seen["job"]) == vars(modal_app.Job("/vol/runs/modal"))
+    main(args="--recipe seed --set cost=final --force", shards=2, evaluate=True)
+    assert seen["evaluate"] is not None
     # --args reaches every stage as typed; GPU jobs ask for CUDA, and the shard comes from --shards.
     job = seen["job"]
     assert job.args == ["--recipe", "seed", "--set", "cost=final", "--force"] and job.shards == 2
@@ -2132,9 +2115,8 @@ def test_modal_app_pipeline_runs_locally_reports_failed_shards_and_resumes(tmp_p
     modal_app = import_modal_app()
     assert modal_app.vjepa_reacher is vr  # imports the script, copies nothing
     job = modal_app.Job(str(tmp_path / "runs" / "modal"), MODAL_TINY, shards=2, device="cpu")  # no CUDA here
-    calls, uploads = [], []
-    remote = dict(local_remote(modal_app, calls, fail={(1, 0)}), upload=lambda d: uploads.append(d),
-                  evaluate=modal_app.bc_eval_job)
+    calls = []
+    remote = dict(local_remote(modal_app, calls, fail={(1, 0)}), evaluate=modal_app.bc_eval_job)
     with pytest.raises(SystemExit, match=r"1 of 2 shards failed \(\[0\]; first: container preempted\).*re-run "
                                          r"the same command to collect the rest$"):
         modal_app.run_pipeline(job, **remote)
@@ -2144,7 +2126,7 @@ def test_modal_app_pipeline_runs_locally_reports_failed_shards_and_resumes(tmp_p
     data_dir = modal_app.run_pipeline(job, **remote)  # the same command again
     assert calls[1] == [0]  # only the missing shard
     data = vr.load_dataset(data_dir)
-    assert data["z"].shape == (4, 6, 64) and data["meta"]["shards"] == 2 and uploads == [data_dir]
+    assert data["z"].shape == (4, 6, 64) and data["meta"]["shards"] == 2
     assert os.path.exists(os.path.join(job.out, "eval.json"))
     # --force (in --args) redoes every shard.
     forced = modal_app.Job(job.out, MODAL_TINY + ["--force"], shards=2)
@@ -2262,7 +2244,7 @@ def readme_modal_commands():
     """The `modal run modal_app.py` and `modal volume get` lines of the README's code blocks, split as a shell
     would: the options of each run, and each fetch line."""
     blocks = open(os.path.join(HERE, "README.md")).read().split("```")[1::2]
-    lines = [shlex.split(l, comments=True) for b in blocks for l in b.splitlines() if "modal" in l]
+    lines = [t for b in blocks for l in b.splitlines() if "modal" in (t := shlex.split(l, comments=True))]
     fetch = [l for l in lines if l[l.index("modal") + 1:][:2] == ["volume", "get"]]
     return [l[3:] for l in lines if l[:3] == ["modal", "run", "modal_app.py"]], fetch
 
@@ -2277,7 +2259,7 @@ def test_modal_readme_commands_run_in_sequence_without_force(monkeypatch, tmp_pa
     command = _get_click_command_for_local_entrypoint(modal_app.app, modal_app.main)  # `modal run`'s own parser
     runs, _ = readme_modal_commands()
     assert len(runs) >= 5 and "smoke" in runs[0]
-    for argv in [a for a in runs if "--hf-repo" not in a]:  # in the README's order: smoke, Phase 1, ..., seed
+    for argv in runs:  # in the README's order: smoke, Phase 1, ..., seed
         modal_app.main.info.raw_f(**command.make_context("modal run modal_app.py", argv).params)
         todo = modal_app.todo_shards_job(jobs[-1])  # RuntimeError: refused
         assert todo in ([], list(range(jobs[-1].shards))), argv

@@ -1009,8 +1009,7 @@ def cem(cost_fn, batch, horizon, action_dim=2, samples=500, elites=50, iteration
     1. sample `samples` sequences from N(mean, std) (uniform in [-1, 1] on the first iteration if
        uniform_first), clamped to the action bounds;
     2. score them with cost_fn and keep the `elites` lowest-cost sequences (topk);
-    3. refit mean and std to the elites (std over n, or n - 1 if unbiased), clamped below at min_std; repeat
-       `iterations` times.
+    3. refit mean and std to the elites (std over n, n - 1 if unbiased), floored at min_std; repeat `iterations` times.
     Returns (the lowest-cost sequence seen in any iteration (batch, horizon, A), mean, std).
     With iterations=1, elites=1 and uniform_first=True this is random shooting. noise: the standard normal draws
     (iterations, batch, samples, horizon, A) made up front, e.g. for a CUDA graph; else drawn from `generator`.
@@ -1195,8 +1194,7 @@ def load_checked(args, encoder, path, made_by, net=None):
 
 
 def stage_bc(args, encoder):
-    path = os.path.join(args.out, "bc.pt")
-    if exists_skip(args, path, "bc"):
+    if exists_skip(args, path := os.path.join(args.out, "bc.pt"), "bc"):
         return False
     data = load_dataset(data_dir(args, args.expert, args.epsilon), encoder)
     model, info, (mean, std) = train_bc(data, args)
@@ -1207,8 +1205,7 @@ def stage_bc(args, encoder):
 
 def stage_eval(args, encoder):
     """BC, both experts and a random policy on the same held-out episodes; GIFs of BC and the expert."""
-    path = os.path.join(args.out, "eval.json")
-    if exists_skip(args, path, "eval"):
+    if exists_skip(args, path := os.path.join(args.out, "eval.json"), "eval"):
         return False
     bc = bc_policy(*load_checked(args, encoder, os.path.join(args.out, "bc.pt"), "bc", bc_net(encoder.dim)))
     seeds, state = episode_seeds("eval", args.eval_episodes, args.seed), load_encoder("state")
@@ -1231,8 +1228,7 @@ def stage_eval(args, encoder):
 def stage_rl(args, encoder):
     """SAC on frozen embeddings standardised with the Phase 1 data's statistics, trained for --rl-steps on episodes
     of its own, then its deterministic policy evaluated on the evaluation episodes; its actor and rl.json are saved."""
-    path = os.path.join(args.out, "rl.json")
-    if exists_skip(args, path, "rl"):
+    if exists_skip(args, path := os.path.join(args.out, "rl.json"), "rl"):
         return False
     folder = data_dir(args, args.expert, args.epsilon)
     data, t0 = load_dataset(folder, encoder), time.time()
@@ -1288,8 +1284,7 @@ def stage_dynamics(args, encoder):
 def stage_imagine(args, encoder):
     """Phase 5: an actor-critic learned in imagination through the mlp dynamics (imagine.py), from the Phase 2 data,
     then a Dyna loop of --imagine-steps real steps; evaluated on the evaluation and the planning episodes."""
-    path = os.path.join(args.out, "imagine.json")
-    if exists_skip(args, path, "imagine"):
+    if exists_skip(args, path := os.path.join(args.out, "imagine.json"), "imagine"):
         return False
     data = load_dataset(data_dir(args, *EXPLORE), encoder, made_by="explore")
     model, mean, std = load_checked(args, encoder, os.path.join(args.out, "dynamics_mlp.pt"), "dynamics")
@@ -1371,8 +1366,9 @@ def stage_plan(args, encoder):
     wanted = [c for c in args.plans if c.split("/")[1] in args.dynamics]
     trained = load_json(os.path.join(args.out, "dynamics.json"), made_by="dynamics")["dynamics"]
     made_with = {c: trained.get(c.split("/")[1], {}).get("digest") for c in wanted}  # None: trained by older code
-    saved, todo = saved_and_todo(args, path, "plan", wanted, "plan", lambda c, entry: made_with[c] in (
-        None, entry.get("model")) and (not args.long_episodes or "standard" in entry))  # the model on disk's, whole
+    current = lambda c, entry: entry is not None and made_with[c] in (None, entry.get("model"))  # noqa: E731
+    saved, todo = saved_and_todo(args, path, "plan", wanted, "plan", lambda c, entry: current(c, entry) and (
+        not args.long_episodes or "standard" in entry))  # made with the model on disk, and whole
     if not todo:
         return False
     models = {name: load_checked(args, encoder, os.path.join(args.out, f"dynamics_{name}.pt"), "dynamics")
@@ -1383,18 +1379,16 @@ def stage_plan(args, encoder):
     goals = dict.fromkeys(("cem", "random"), plan_goals(args, plan_encoder, seeds, "expert"))
     if args.rs_goal == "random-run" and any(c.startswith("random/") for c in todo):
         goals["random"] = plan_goals(args, plan_encoder, seeds, "random-run")
-    saved.setdefault("plan_traces", {})
     for combo in todo:
         planner, name = combo.split("/")
         (z_goal, info), steps = goals[planner], args.rs_plan_steps if planner == "random" else args.plan_steps
         model, mean, std = models[name]
         mpc = make_mpc(args, planner, model, dict(zip(seeds, z_goal)), (mean, std))
-        entry = saved["plan"].get(combo)  # redone if missing, or made with other weights than dynamics.json's
-        if args.force or entry is None or made_with[combo] not in (None, entry.get("model")):
+        if args.force or not current(combo, saved["plan"].get(combo)):  # else only its 1,000-step part is missing
             eps = list(run_episodes(seeds, mpc, plan_encoder, envs_for(args, plan_encoder, len(seeds)), steps,
                                     keep_z=True, desc=f"plan {combo}"))
-            saved["plan"][combo], saved["plan_traces"][combo] = report.plan_metrics(eps, steps, mpc.seconds, info)
-            saved["plan"][combo]["model"] = made_with[combo]
+            metrics, saved.setdefault("plan_traces", {})[combo] = report.plan_metrics(eps, steps, mpc.seconds, info)
+            saved["plan"][combo] = dict(metrics, model=made_with[combo])
             save_json(path, dict(saved, steps=args.plan_steps))
             print(f"plan {combo}: success {report.fmt_rate(saved['plan'][combo])}")
         if planner == "cem" and gif:  # the first CEM model's
@@ -1411,8 +1405,7 @@ def stage_plan(args, encoder):
 def stage_probe(args, encoder):
     """Ridge probes of the encoder, of the same architecture with random weights (the seed's baseline) and, for
     pixels, of the state, on the same exploration episodes: every draw is seeded, so each encoder sees them all."""
-    path = os.path.join(args.out, "probe.json")
-    if exists_skip(args, path, "probe"):
+    if exists_skip(args, path := os.path.join(args.out, "probe.json"), "probe"):
         return False
     seeds, encoders = episode_seeds("probe", args.probe_episodes, args.seed), {"encoder": encoder}
     if encoder.pixels:
