@@ -27,8 +27,7 @@ import modal
 # ---- Image, volume and constants ---------------------------------------------------------------------------------
 # The seed's A10G, `A10` in modal.com/docs/guide/gpu; only Modal's server checks the name (not the 1.6.4 client).
 GPU = "A10"
-# The script renders in its own process (bench.py: render processes did not pay), so one core steps, renders and
-# feeds the GPU; the second takes I/O and, without EGL, OSMesa (a second llvmpipe thread added 7-10% here).
+# One core steps, renders and feeds the GPU (render processes did not pay); the other takes I/O and OSMesa's 2nd thread.
 GPU_CPUS = 2
 VOLUME = "/vol"  # run folders live on one modal.Volume; shards write only their own folder
 RESERVED = {"out": "--run", "shard": "--shards", "seeds": "one --run per seed", "device": "--gpu"}  # set here

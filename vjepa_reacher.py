@@ -229,6 +229,8 @@ def build_parser():
     a("--imagine-updates", type=positive_int, default=5_000, help="imagine: updates on the Phase 2 data before acting")
     a("--long-episodes", type=checked(int, lambda v: v >= 0, "an integer >= 0"), default=50, help="1,000-step "
       "episodes a policy, for the return DMC papers report (CEM: at most --plan-episodes); 0 skips")
+    a("--plan-long-episodes", type=checked(int, lambda v: v >= 0, "an integer >= 0"), help="those of each planner, "
+      "where 1,000 steps of CEM at the seed's sizes cost minutes (default: --long-episodes)")
     return p
 
 
@@ -260,6 +262,7 @@ def parse_args(argv=None):
     args = parser.parse_args(argv)
     resolve_knobs(args, given_options(argv) | {k for k, _ in args.set})
     args.rl_eval_episodes = max(1, args.eval_episodes // 10)  # a learning-curve point: 10 of the default 100
+    args.plan_long_episodes = args.long_episodes if args.plan_long_episodes is None else args.plan_long_episodes
     if max(args.steps, args.plan_steps, args.rs_plan_steps, args.goal_horizon) > MAX_STEPS:
         parser.error(f"--steps, plan_steps, rs_plan_steps and goal_horizon must be at most {MAX_STEPS} (time limit)")
     if args.elites > args.samples:
@@ -1368,7 +1371,7 @@ def stage_plan(args, encoder):
     made_with = {c: trained.get(c.split("/")[1], {}).get("digest") for c in wanted}  # None: trained by older code
     current = lambda c, entry: entry is not None and made_with[c] in (None, entry.get("model"))  # noqa: E731
     saved, todo = saved_and_todo(args, path, "plan", wanted, "plan", lambda c, entry: current(c, entry) and (
-        not args.long_episodes or "standard" in entry))  # made with the model on disk, and whole
+        not args.plan_long_episodes or "standard" in entry))  # made with the model on disk, and whole
     if not todo:
         return False
     models = {name: load_checked(args, encoder, os.path.join(args.out, f"dynamics_{name}.pt"), "dynamics")
@@ -1394,8 +1397,8 @@ def stage_plan(args, encoder):
         if planner == "cem" and gif:  # the first CEM model's
             plan_gif(args, mpc, plan_encoder, seeds[0], steps, f"CEM {name}")
             gif = False
-        if args.long_episodes:  # a fresh planner: the same goals, over reacher-easy's 1,000 steps
-            n, mpc = min(args.long_episodes, len(seeds)), make_mpc(args, planner, model, mpc.z_goal, (mean, std))
+        if args.plan_long_episodes:  # a fresh planner: the same goals, over reacher-easy's 1,000 steps
+            n, mpc = min(args.plan_long_episodes, len(seeds)), make_mpc(args, planner, model, mpc.z_goal, (mean, std))
             long = evaluate(seeds[:n], mpc, plan_encoder, envs_for(args, plan_encoder, n), MAX_STEPS)
             saved["plan"][combo]["standard"] = dict(long, ms_per_action=1e3 * mpc.seconds / MAX_STEPS / n)
             save_json(path, dict(saved, steps=args.plan_steps))
