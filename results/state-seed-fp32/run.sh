@@ -8,9 +8,8 @@
 # merge_plans.py copies cem/mlp_rollout5's entry back (refused if its model file differs). Where it still differs
 # from the seed: the resblock is not re-trained here (its 150 epochs took ~1 h on 2 cores under bf16 autocast;
 # results/README.md's resblock row is the previous run's) and not planned (CEM on 8.4M parameters at the seed's
-# sizes is out of reach); no 1,000-step CEM episodes (the experts' and BC's are 50). The committed folder holds
-# everything before the CEM planners, which did not fit the session (see results/README.md). From the repo root;
-# rerunning skips finished stages and planners:
+# sizes is out of reach); no 1,000-step CEM episodes (the experts' and BC's are 50). From the repo root (2 h 17 min
+# here on both cores beside other jobs, each CEM planner ~1.5 h of one core); rerunning skips what is done:
 #   bash results/state-seed-fp32/run.sh > runs/state-seed-fp32.log 2>&1
 set -euo pipefail
 cd "$(dirname "$0")/../.."
