@@ -1051,20 +1051,6 @@ def test_tf32_only_while_planning_with_the_new_api_only():
         assert torch.get_float32_matmul_precision() == "highest"
 
 
-def test_bf16_planning_keeps_fp32s_success_on_the_oracle(state_run, tmp_path):
-    """plan_dtype=bf16 against fp32 on 10 episodes (plan_graph=on: test_static_cem_is_cem_on_fixed_buffers_...)."""
-    out = str(tmp_path / "run")
-    shutil.copytree(state_run[0], out)
-    rates = {}
-    for name, knob in (("fp32", "plan_dtype=fp32"), ("bf16", "plan_dtype=bf16")):
-        ok("plan", "--quick", "--encoder", "state", "--dynamics", "mlp", "--plans", "cem/mlp", "--plan-episodes", "10",
-           "--force", "--set", knob, "--out", out)
-        rates[name] = results(out)["plan"]["cem/mlp"]
-    low, high = rates["fp32"]["success_ci"]
-    assert rates["fp32"]["n"] == 10 and low <= rates["bf16"]["success"] <= high
-    assert rates["bf16"]["episodes"] != rates["fp32"]["episodes"]  # the bf16 rollouts did run
-
-
 def test_compiled_encoder_pads_the_last_batch_and_never_recompiles(monkeypatch):
     assert vr.parse_args(["all"]).compile == "off" and vr.parse_args(["all"]).plan_graph == "off"  # opt-in
     torch._dynamo.reset()
