@@ -148,6 +148,7 @@ def checked(cast, ok, what):
 
 
 positive_int = checked(int, lambda v: v > 0, "an integer > 0")
+count_int = checked(int, lambda v: v >= 0, "an integer >= 0")
 unit_float = checked(float, lambda v: 0 <= v <= 1, "a number in [0, 1]")
 seed_int = checked(int, lambda v: 0 <= v < 2 ** 31, f"an integer in [0, 2**31 - 1 = {2 ** 31 - 1}]")
 
@@ -227,10 +228,9 @@ def build_parser():
     a("--rl-eval-every", type=positive_int, default=10_000, help="SAC, imagine: env steps a learning-curve point")
     a("--imagine-steps", type=positive_int, default=60_000, help="imagine: env steps after Phase 2's 40k (SAC: 100k)")
     a("--imagine-updates", type=positive_int, default=5_000, help="imagine: updates on the Phase 2 data before acting")
-    a("--long-episodes", type=checked(int, lambda v: v >= 0, "an integer >= 0"), default=50, help="1,000-step "
-      "episodes a policy, for the return DMC papers report (CEM: at most --plan-episodes); 0 skips")
-    a("--plan-long-episodes", type=checked(int, lambda v: v >= 0, "an integer >= 0"), help="those of each planner, "
-      "where 1,000 steps of CEM at the seed's sizes cost minutes (default: --long-episodes)")
+    a("--long-episodes", type=count_int, default=50, help="1,000-step episodes a policy, for the return DMC papers "
+      "report (CEM: at most --plan-episodes); 0 skips")
+    a("--plan-long-episodes", type=count_int, help="those of each planner (CEM: minutes each; default --long-episodes)")
     return p
 
 
